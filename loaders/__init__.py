@@ -1,0 +1,1 @@
+"""encfs.loaders: feeding encrypted datasets to PyTorch."""
