@@ -1,0 +1,260 @@
+"""File objects: ``EncryptedReader`` (random access, read-ahead) and ``EncryptedWriter``.
+
+Reads are served from a window of decrypted chunks. A read that continues where the last
+one ended is sequential: the window grows to ``readahead`` chunks and the next window's
+ciphertext is fetched in the background while this one decrypts. Any other read decrypts
+only the chunks it touches. A chunk-aligned ``readinto`` of whole chunks decrypts straight
+into the caller's buffer. When a chunk fails authentication the caller gets the verified
+bytes before it, and the next read raises ``IntegrityError``.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from . import cobblestone as cs
+from .errors import IntegrityError
+from .reader import ChunkReader
+from .writer import PayloadWriter
+
+DEFAULT_READAHEAD = 64
+
+
+class EncryptedReader(io.BufferedIOBase):
+    def __init__(self, fs: Any, path: str, reader: ChunkReader, readahead: int = DEFAULT_READAHEAD):
+        self.fs, self.path, self.mode = fs, path, "rb"
+        self._r = reader
+        self.size = reader.size
+        self.readahead = max(1, readahead)
+        self.loc = 0
+        self._win = bytearray()
+        self._win_start = 0
+        self._win_len = 0
+        self._seq_next: int | None = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._prefetch: tuple[int, int, Future[bytes]] | None = None
+
+    @property
+    def header(self):
+        return self._r.header
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.loc
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
+        if whence == io.SEEK_SET:
+            loc = offset
+        elif whence == io.SEEK_CUR:
+            loc = self.loc + offset
+        elif whence == io.SEEK_END:
+            loc = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if loc < 0:
+            raise ValueError("negative seek position")
+        self.loc = loc
+        return loc
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._check_open()
+        n = self.size - self.loc if size is None or size < 0 else min(size, max(0, self.size - self.loc))
+        if n <= 0:
+            return b""
+        buf = bytearray(n)
+        got = self.readinto(buf)
+        out = bytes(memoryview(buf)[:got])
+        buf[:] = bytes(n)
+        return out
+
+    read1 = read
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, b: Any) -> int:
+        self._check_open()
+        out = memoryview(b).cast("B")
+        n = min(len(out), max(0, self.size - self.loc))
+        done = 0
+        while done < n:
+            pos = self.loc + done
+            try:
+                done += self._serve(pos, out[done:n])
+            except IntegrityError:
+                if done:
+                    break
+                raise
+        self.loc += done
+        return done
+
+    readinto1 = readinto
+
+    def _serve(self, pos: int, out: memoryview) -> int:
+        """Copy plaintext at ``pos`` into ``out``; return bytes served (> 0)."""
+        if self._win_start <= pos < self._win_start + self._win_len:
+            k = min(len(out), self._win_start + self._win_len - pos)
+            off = pos - self._win_start
+            out[:k] = memoryview(self._win)[off : off + k]
+            return k
+        first = pos // cs.CHUNK_SIZE
+        if pos % cs.CHUNK_SIZE == 0 and len(out) >= cs.CHUNK_SIZE:
+            count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first)
+            _, pt = self._r.span(first, count)
+            if pt <= len(out):
+                self._drop_prefetch()
+                self._seq_next = pos + pt
+                try:
+                    return self._r.read_into(first, count, out[:pt])
+                except IntegrityError as e:
+                    if e.verified_bytes:
+                        return e.verified_bytes
+                    raise
+        self._fill(pos, len(out))
+        return self._serve(pos, out)
+
+    def _fill(self, pos: int, want: int) -> None:
+        first = pos // cs.CHUNK_SIZE
+        last = min((pos + want - 1) // cs.CHUNK_SIZE, self._r.chunks - 1)
+        sequential = pos == self._seq_next
+        count = max(last - first + 1, self.readahead if sequential else 1)
+        count = min(count, self._r.chunks - first)
+        ct = self._take_prefetch(first, count)
+        if sequential and first + count < self._r.chunks:
+            nxt = min(count, self._r.chunks - first - count)
+            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="encfs-readahead")
+            self._prefetch = (first + count, nxt, self._pool.submit(self._r.fetch, first + count, nxt))
+        _, pt = self._r.span(first, count)
+        if len(self._win) < pt:
+            self._wipe_window()
+            self._win = bytearray(pt)
+        self._win_start, self._win_len = first * cs.CHUNK_SIZE, 0
+        try:
+            self._win_len = self._r.decrypt_into(first, ct, memoryview(self._win)[:pt])
+        except IntegrityError as e:
+            self._win_len = e.verified_bytes
+            if pos >= self._win_start + self._win_len:
+                raise
+        self._seq_next = self._win_start + self._win_len
+
+    def _take_prefetch(self, first: int, count: int) -> bytes:
+        if self._prefetch and self._prefetch[:2] == (first, count):
+            fut = self._prefetch[2]
+            self._prefetch = None
+            return fut.result()
+        self._drop_prefetch()
+        return self._r.fetch(first, count)
+
+    def _drop_prefetch(self) -> None:
+        if self._prefetch:
+            fut = self._prefetch[2]
+            self._prefetch = None
+            if not fut.cancel():
+                try:
+                    fut.result()
+                except Exception:
+                    pass
+
+    def _wipe_window(self) -> None:
+        self._win[:] = bytes(len(self._win))
+        self._win_len = 0
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
+    def info(self) -> dict:
+        return self.fs.info(self.path)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._drop_prefetch()
+            if self._pool:
+                self._pool.shutdown(wait=True)
+            self._wipe_window()
+            self._r.close()
+        finally:
+            super().close()
+
+    def __reduce__(self):
+        return _reopen, (self.fs, self.path, self.loc)
+
+    def __repr__(self) -> str:
+        return f"<EncryptedReader {self.path!r} size={self.size}>"
+
+
+def _reopen(fs: Any, path: str, loc: int) -> EncryptedReader:
+    f = fs.open(path, "rb")
+    f.seek(loc)
+    return f
+
+
+class EncryptedWriter(io.BufferedIOBase):
+    """Streams plaintext into an encrypted file. The destination appears only on a clean
+    ``close()``; an exception inside ``with`` (or ``discard()``) leaves nothing behind."""
+
+    def __init__(self, fs: Any, path: str, writer: PayloadWriter, mode: str = "wb"):
+        self.fs, self.path, self.mode = fs, path, mode
+        self._w = writer
+        self.forced = False
+
+    @property
+    def header(self):
+        return self._w.header
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._w.plaintext_written
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        return self._w.write(data)
+
+    def flush(self) -> None:
+        """No-op: ciphertext is written in whole chunks; the tail is sealed on close()."""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._w.close()
+        finally:
+            super().close()
+            self.fs.invalidate_cache(self.path)
+
+    def discard(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._w.abort()
+        finally:
+            super().close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        if not self.closed:
+            self.discard()
+
+    def __reduce__(self):
+        raise TypeError("an open encrypted writer cannot be pickled")
+
+    def __repr__(self) -> str:
+        return f"<EncryptedWriter {self.path!r}>"

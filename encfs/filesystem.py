@@ -1,0 +1,347 @@
+"""``EncFileSystem``: the ``encfs`` fsspec protocol, wrapping any other filesystem.
+
+Paths are the target filesystem's paths; sizes reported by ``ls``/``info`` are plaintext
+sizes (from the ciphertext size and the header length alone). Configure it like fsspec's
+own wrappers: ``target_protocol`` + ``target_options``, or a ready filesystem as ``fs=``;
+the URL form ``encfs::s3://bucket/key`` does the same through fsspec's chaining.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from typing import Any, Iterable
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.callbacks import DEFAULT_CALLBACK
+from fsspec.implementations.chained import ChainedFileSystem
+
+from . import cobblestone as cs
+from . import format as fmt
+from .backend import CipherBackend, get_backend
+from .errors import FormatError
+from .file import DEFAULT_READAHEAD, EncryptedReader, EncryptedWriter
+from .keys import KeyRing
+from .keys.refs import KeySpec
+from .reader import ChunkReader
+from .sink import LocalSink, is_temp_name, open_sink
+from .writer import PayloadWriter
+
+COPY_BLOCK = 4 << 20
+
+
+class EncFileSystem(ChainedFileSystem):
+    """Encrypt on write, decrypt on read, over any fsspec filesystem.
+
+    Parameters
+    ----------
+    target_protocol, target_options, fs:
+        The filesystem holding the ciphertext (``fs`` wins if given).
+    key:
+        Key reference(s) used both to encrypt (as recipients) and decrypt (as identities);
+        a string (comma-separated for several) or a list. Default: ``$ENCFS_KEY``.
+    recipients, identities:
+        Override one side, e.g. public keys only on an encrypt-only host.
+    allow_plaintext:
+        Read files that are not in the encfs format as plaintext (mixed buckets); off by default,
+        when such a file is a ``FormatError``.
+    backend:
+        ``"auto"`` (default), ``"native"`` or ``"python"``; see ``encfs.backend``.
+    readahead:
+        Chunks (16 KiB each) decrypted per window on sequential reads.
+    """
+
+    protocol = "encfs"
+    root_marker = ""
+
+    def __init__(
+        self,
+        target_protocol: str | None = None,
+        target_options: dict | None = None,
+        fs: AbstractFileSystem | None = None,
+        key: KeySpec = None,
+        recipients: KeySpec = None,
+        identities: KeySpec = None,
+        allow_plaintext: bool = False,
+        backend: str | None = None,
+        readahead: int = DEFAULT_READAHEAD,
+        **kwargs: Any,
+    ):
+        kwargs.pop("fo", None)
+        super().__init__(**kwargs)
+        if fs is None:
+            fs = fsspec.filesystem(target_protocol or "file", **(target_options or {}))
+        self.fs = fs
+        self.keyring = KeyRing(key, recipients, identities)
+        self.allow_plaintext = allow_plaintext
+        self.backend_name = backend
+        self.readahead = readahead
+        self._header_lengths: dict[tuple[str, int], int] = {}
+        self._hl_lock = threading.Lock()
+        self._strip_protocol = self._strip_target  # type: ignore[method-assign]
+
+    # -- paths ---------------------------------------------------------------------------
+    @classmethod
+    def _strip_encfs(cls, path: str) -> str:
+        for prefix in ("encfs::", "encfs://"):
+            if path.startswith(prefix):
+                path = path[len(prefix) :]
+        return path
+
+    def _strip_target(self, path: Any) -> Any:
+        if isinstance(path, list):
+            return [self._strip_target(p) for p in path]
+        return self.fs._strip_protocol(self._strip_encfs(path))
+
+    def unstrip_protocol(self, name: str) -> str:
+        return "encfs::" + self.fs.unstrip_protocol(name)
+
+    @property
+    def backend(self) -> CipherBackend:
+        return get_backend(self.backend_name)
+
+    # -- sizes ---------------------------------------------------------------------------
+    def _header_length(self, path: str, ct_size: int) -> int | None:
+        """Header length of the file at ``path`` (one 32-byte read, cached); None if not encfs."""
+        with self._hl_lock:
+            hit = self._header_lengths.get((path, ct_size))
+        if hit is not None:
+            return hit
+        prefix = self.fs.cat_file(path, start=0, end=fmt.PREFIX_SIZE) if ct_size >= fmt.PREFIX_SIZE else b""
+        return self._remember(path, ct_size, prefix)
+
+    def _remember(self, path: str, ct_size: int, prefix: bytes) -> int | None:
+        if prefix[:8] != fmt.MAGIC:
+            return None
+        length = fmt.parse_prefix(prefix)
+        with self._hl_lock:
+            if len(self._header_lengths) > 100_000:
+                self._header_lengths.clear()
+            self._header_lengths[(path, ct_size)] = length
+        return length
+
+    def _plain_entries(self, entries: list[dict]) -> list[dict]:
+        files = [e for e in entries if e.get("type") == "file" and not is_temp_name(e["name"])]
+        todo = [e for e in files if (e["name"], e["size"]) not in self._header_lengths and e["size"] >= fmt.PREFIX_SIZE]
+        if len(todo) > 1:
+            prefixes = self.fs.cat_ranges([e["name"] for e in todo], [0] * len(todo), [fmt.PREFIX_SIZE] * len(todo), on_error="return")
+            for e, p in zip(todo, prefixes):
+                if isinstance(p, bytes):
+                    self._remember(e["name"], e["size"], p)
+        out = []
+        for e in entries:
+            if is_temp_name(e["name"]):
+                continue
+            e = dict(e)
+            if e.get("type") == "file":
+                e["ciphertext_size"] = e["size"]
+                e["size"], e["encrypted"] = self._plain_size(e["name"], e["size"])
+            out.append(e)
+        return out
+
+    def _plain_size(self, path: str, ct_size: int) -> tuple[int, bool]:
+        hl = self._header_length(path, ct_size)
+        if hl is None:
+            return ct_size, False
+        return fmt.plaintext_size(ct_size, hl), True
+
+    # -- listing -------------------------------------------------------------------------
+    def ls(self, path: str, detail: bool = True, **kwargs: Any):
+        entries = self.fs.ls(self._strip_target(path), detail=True, **kwargs)
+        entries = self._plain_entries(entries)
+        return entries if detail else [e["name"] for e in entries]
+
+    def info(self, path: str, **kwargs: Any) -> dict:
+        return self._plain_entries([self.fs.info(self._strip_target(path), **kwargs)])[0]
+
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        return self.fs.exists(self._strip_target(path), **kwargs)
+
+    def isdir(self, path: str) -> bool:
+        return self.fs.isdir(self._strip_target(path))
+
+    def isfile(self, path: str) -> bool:
+        return self.fs.isfile(self._strip_target(path))
+
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        self.fs.mkdir(self._strip_target(path), create_parents=create_parents, **kwargs)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.fs.makedirs(self._strip_target(path), exist_ok=exist_ok)
+
+    def rmdir(self, path: str) -> None:
+        self.fs.rmdir(self._strip_target(path))
+
+    def rm_file(self, path: str) -> None:
+        self.fs.rm_file(self._strip_target(path))
+
+    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
+        self.fs.rm(self._strip_target(path), recursive=recursive, maxdepth=maxdepth)
+
+    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        """Ciphertext copy: the header binds no path, so the copy stays decryptable."""
+        self.fs.cp_file(self._strip_target(path1), self._strip_target(path2), **kwargs)
+
+    def mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any) -> None:
+        self.fs.mv(self._strip_target(path1), self._strip_target(path2), recursive=recursive, maxdepth=maxdepth, **kwargs)
+
+    def created(self, path: str):
+        return self.fs.created(self._strip_target(path))
+
+    def modified(self, path: str):
+        return self.fs.modified(self._strip_target(path))
+
+    def invalidate_cache(self, path: str | None = None) -> None:
+        self.fs.invalidate_cache(path)
+        with self._hl_lock:
+            self._header_lengths.clear()
+
+    # -- files ---------------------------------------------------------------------------
+    def open_reader(self, path: str, ct_size: int | None = None) -> ChunkReader | io.IOBase:
+        """The chunk reader of ``path`` (or a raw target file, for plaintext passthrough)."""
+        path = self._strip_target(path)
+        raw = self.fs.open(path, "rb", cache_type="none") if not _is_local(self.fs) else self.fs.open(path, "rb")
+        try:
+            if ct_size is None:
+                ct_size = raw.seek(0, io.SEEK_END)
+                raw.seek(0)
+            if self.allow_plaintext and not self._looks_encrypted(raw, ct_size):
+                return raw
+            return ChunkReader(raw, ct_size, self.keyring, self.backend, name=path)
+        except BaseException:
+            raw.close()
+            raise
+
+    @staticmethod
+    def _looks_encrypted(raw: Any, ct_size: int) -> bool:
+        head = raw.read(len(fmt.MAGIC)) if ct_size else b""
+        raw.seek(0)
+        return head == fmt.MAGIC
+
+    def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True, cache_options: dict | None = None, **kwargs: Any):
+        path = self._strip_target(path)
+        if mode == "rb":
+            reader = self.open_reader(path, kwargs.get("size"))
+            if not isinstance(reader, ChunkReader):
+                return reader
+            return EncryptedReader(self, path, reader, readahead=kwargs.get("readahead", self.readahead))
+        if mode in ("wb", "xb"):
+            if mode == "xb" and self.fs.exists(path):
+                raise FileExistsError(path)
+            sink = open_sink(self.fs, path, block_size)
+            return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend), mode)
+        if "a" in mode:
+            raise NotImplementedError(
+                "append is not supported: re-sealing the final chunk would reuse its nonce; rewrite the file instead"
+            )
+        raise ValueError(f"unsupported mode {mode!r}; use rb, wb or xb (text modes wrap these)")
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        with self.open(path, "rb") as f:
+            return _read_range(f, start, end)
+
+    def cat_ranges(self, paths: list[str], starts: Any, ends: Any, max_gap: Any = None, on_error: str = "return", **kwargs: Any) -> list:
+        if not isinstance(starts, list):
+            starts = [starts] * len(paths)
+        if not isinstance(ends, list):
+            ends = [ends] * len(paths)
+        if len(starts) != len(paths) or len(ends) != len(paths):
+            raise ValueError("paths, starts and ends must have the same length")
+        out: list = [None] * len(paths)
+        by_path: dict[str, list[int]] = {}
+        for i, p in enumerate(paths):
+            by_path.setdefault(p, []).append(i)
+        for p, idx in by_path.items():
+            try:
+                with self.open(p, "rb") as f:
+                    for i in idx:
+                        out[i] = _read_range(f, starts[i], ends[i])
+            except Exception as e:
+                if on_error == "raise":
+                    raise
+                for i in idx:
+                    out[i] = e
+        return out
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        with self.open(path, "xb" if mode == "create" else "wb") as f:
+            f.write(value)
+
+    def put_file(self, lpath: str, rpath: str, callback=DEFAULT_CALLBACK, mode: str = "overwrite", **kwargs: Any) -> None:
+        """Encrypt local plaintext ``lpath`` to ``rpath``."""
+        if os.path.isdir(lpath):
+            self.makedirs(rpath, exist_ok=True)
+            return
+        with open(lpath, "rb") as src:
+            callback.set_size(os.fstat(src.fileno()).st_size)
+            with self.open(rpath, "xb" if mode == "create" else "wb") as dst:
+                _pump(src, dst, callback)
+
+    def get_file(self, rpath: str, lpath: str, callback=DEFAULT_CALLBACK, outfile: Any = None, **kwargs: Any) -> None:
+        """Decrypt ``rpath`` to local ``lpath``, atomically (never a partial plaintext file)."""
+        if self.isdir(rpath):
+            os.makedirs(lpath, exist_ok=True)
+            return
+        with self.open(rpath, "rb") as src:
+            callback.set_size(getattr(src, "size", None))
+            if outfile is not None:
+                _pump(src, outfile, callback)
+                return
+            sink = LocalSink(os.path.abspath(lpath))
+            try:
+                _pump(src, sink, callback)
+            except BaseException:
+                sink.abort()
+                raise
+            sink.commit()
+
+    def wipe_keys(self) -> None:
+        """Overwrite loaded key material now (it reloads from its references when needed)."""
+        self.keyring.wipe()
+
+    def __del__(self) -> None:
+        try:
+            self.keyring.wipe()
+        except Exception:
+            pass
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+
+
+def _read_range(f: Any, start: int | None, end: int | None) -> bytes:
+    size = f.size
+    start = 0 if start is None else (max(0, size + start) if start < 0 else start)
+    end = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
+    if start >= end:
+        return b""
+    f.seek(start)
+    out = bytearray()
+    while len(out) < end - start:
+        part = f.read(end - start - len(out))
+        if not part:
+            break
+        out += part
+    return bytes(out)
+
+
+def _pump(src: Any, dst: Any, callback: Any) -> None:
+    buf = bytearray(COPY_BLOCK)
+    mv = memoryview(buf)
+    try:
+        while True:
+            n = src.readinto(mv)
+            if not n:
+                break
+            dst.write(mv[:n])
+            callback.relative_update(n)
+    finally:
+        buf[:] = bytes(len(buf))
+
+
+def iter_files(fs: EncFileSystem, paths: Iterable[str]) -> Iterable[str]:
+    for p in paths:
+        yield from (fs.find(p) if fs.isdir(p) else [p])

@@ -1,0 +1,65 @@
+"""Recipients wrap a file key into a stanza; identities unwrap it. Wrapping is AES-256-GCM
+under a per-stanza wrap key, with a random nonce, bound (as AAD) to the file's context and
+the stanza's type, key id and params."""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..errors import FormatError
+from ..format import Stanza
+from ..secret import SecretBytes
+
+FILE_KEY_SIZE = 32
+_NONCE = 12
+BODY_SIZE = _NONCE + FILE_KEY_SIZE + 16
+
+
+class Recipient(Protocol):
+    """Can wrap a file key (encrypt-side)."""
+
+    type: str
+
+    def wrap(self, file_key: SecretBytes, context: bytes) -> Stanza: ...
+
+
+class Identity(Protocol):
+    """Can unwrap the file key from stanzas addressed to it (decrypt-side)."""
+
+    type: str
+
+    def matches(self, stanza: Stanza) -> bool: ...
+
+    def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
+        """The file key, or None when this stanza is not for this identity (auth failed)."""
+
+
+def hkdf32(ikm: memoryview | bytes, salt: bytes, info: bytes) -> SecretBytes:
+    return SecretBytes(HKDF(hashes.SHA256(), 32, salt=salt, info=info).derive(ikm))
+
+
+def seal_stanza(type_: str, key_id: bytes, params: bytes, wrap_key: SecretBytes, file_key: SecretBytes, context: bytes) -> Stanza:
+    placeholder = Stanza(type_, key_id, params, b"\x00")
+    nonce = os.urandom(_NONCE)
+    body = nonce + AESGCM(wrap_key.view()).encrypt(nonce, file_key.view(), placeholder.aad(context))
+    return Stanza(type_, key_id, params, body)
+
+
+def open_stanza(stanza: Stanza, wrap_key: SecretBytes, context: bytes) -> SecretBytes | None:
+    if len(stanza.body) != BODY_SIZE:
+        raise FormatError(f"{stanza.type} stanza body must be {BODY_SIZE} bytes, got {len(stanza.body)}")
+    try:
+        key = AESGCM(wrap_key.view()).decrypt(stanza.body[:_NONCE], stanza.body[_NONCE:], stanza.aad(context))
+    except InvalidTag:
+        return None
+    return SecretBytes(key)
+
+
+def new_file_key() -> SecretBytes:
+    return SecretBytes(os.urandom(FILE_KEY_SIZE))

@@ -1,0 +1,81 @@
+"""The chunk reader: an opened encrypted file with random access by chunk range.
+
+Opening reads the header (one small ranged read), unwraps the file key with the key ring,
+checks the header MAC and the payload's key commitment, and derives the chunk key. After
+that, ``fetch`` reads the ciphertext of a chunk range and ``decrypt_into`` opens it straight
+into a caller's buffer through the cipher backend. Nothing is released from a chunk whose
+tag fails.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import BinaryIO
+
+from . import cobblestone as cs
+from . import format as fmt
+from .backend import CipherBackend, get_backend
+from .errors import FormatError
+from .keys import KeyRing
+
+FIRST_READ = 4096
+
+
+class ChunkReader:
+    def __init__(self, raw: BinaryIO, ciphertext_size: int, keyring: KeyRing, backend: CipherBackend | None = None, name: str = "<file>"):
+        self.name = name
+        self._raw = raw
+        self._lock = threading.Lock()
+        self.ciphertext_size = ciphertext_size
+        head = self._pread(0, min(ciphertext_size, FIRST_READ))
+        self.header_length = fmt.parse_prefix(head)
+        need = self.header_length + cs.PREFIX_SIZE
+        if ciphertext_size < need:
+            raise FormatError(f"{name}: file too short for its header and payload prefix (truncated)")
+        if len(head) < need:
+            head += self._pread(len(head), need - len(head))
+        self.size = fmt.plaintext_size(ciphertext_size, self.header_length)
+        self.header = fmt.parse(head)
+        file_key = keyring.unwrap(self.header)
+        try:
+            fmt.verify(self.header, file_key)
+            prefix = head[self.header_length : need]
+            self._keys = cs.derive(file_key.view(), prefix[: cs.SALT_SIZE], self.header.context)
+        finally:
+            file_key.wipe()
+        cs.check_commitment(self._keys, prefix[cs.SALT_SIZE :])
+        self.chunks = cs.chunk_count(self.size)
+        self._cipher = (backend or get_backend()).chunk_cipher(self._keys.key.view(), self._keys.base_nonce)
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        with self._lock:
+            self._raw.seek(offset)
+            data = self._raw.read(n)
+        if len(data) != n:
+            raise FormatError(f"{self.name}: file shrank while reading (truncated at {offset + len(data)})")
+        return data
+
+    def span(self, first: int, count: int) -> tuple[int, int]:
+        """(ciphertext bytes, plaintext bytes) of chunks ``first .. first+count-1``."""
+        last = first + count - 1
+        if not (0 <= first and count > 0 and last < self.chunks):
+            raise ValueError(f"chunk range {first}+{count} outside 0..{self.chunks - 1}")
+        pt_start = first * cs.CHUNK_SIZE
+        pt = min(count * cs.CHUNK_SIZE, self.size - pt_start)
+        ct = pt + count * cs.TAG_SIZE
+        return ct, pt
+
+    def fetch(self, first: int, count: int) -> bytes:
+        ct_len, _ = self.span(first, count)
+        return self._pread(self.header_length + cs.chunk_offset(first), ct_len)
+
+    def decrypt_into(self, first: int, ciphertext: bytes | memoryview, out: memoryview) -> int:
+        return self._cipher.decrypt_into(first, memoryview(ciphertext), out)
+
+    def read_into(self, first: int, count: int, out: memoryview) -> int:
+        return self.decrypt_into(first, self.fetch(first, count), out)
+
+    def close(self) -> None:
+        self._cipher.close()
+        self._keys.wipe()
+        self._raw.close()

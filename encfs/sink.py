@@ -1,0 +1,117 @@
+"""Atomic destinations: a ciphertext appears at its path whole, or not at all.
+
+Local disk: a hidden temporary file beside the destination, fsync, ``os.replace``.
+Object stores with transactional uploads (S3, GCS, Azure): ``autocommit=False`` and an
+explicit commit; on error the multipart upload is aborted. Anything else: a temporary
+object beside the destination, then ``mv``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import secrets
+from typing import Protocol
+
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+TEMP_MARK = ".encfs-tmp-"
+_TRANSACTIONAL = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "abfss"}
+
+
+class Sink(Protocol):
+    def write(self, data: bytes | memoryview) -> int: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def is_temp_name(path: str) -> bool:
+    return TEMP_MARK in posixpath.basename(path)
+
+
+def temp_name(path: str) -> str:
+    parent, name = posixpath.split(path)
+    return posixpath.join(parent, f".{name}{TEMP_MARK}{secrets.token_hex(6)}")
+
+
+class LocalSink:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.tmp = temp_name(path)
+        self._f = open(self.tmp, "xb")
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self._f.write(data)
+
+    def commit(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        try:
+            dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self) -> None:
+        self._f.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+class UploadSink:
+    """An upload committed explicitly; ``abort`` discards it (aborts the multipart upload)."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str, block_size: int | None):
+        kw = {"block_size": block_size} if block_size else {}
+        self._f = fs.open(path, "wb", autocommit=False, **kw)
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self._f.write(data)
+
+    def commit(self) -> None:
+        self._f.close()
+        self._f.commit()
+
+    def abort(self) -> None:
+        try:
+            self._f.discard()
+        finally:
+            self._f.closed = True
+
+
+class RenameSink:
+    def __init__(self, fs: AbstractFileSystem, path: str):
+        self.fs, self.path, self.tmp = fs, path, temp_name(path)
+        self._f = fs.open(self.tmp, "wb")
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self._f.write(bytes(data))
+
+    def commit(self) -> None:
+        self._f.close()
+        self.fs.mv(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            if self.fs.exists(self.tmp):
+                self.fs.rm(self.tmp)
+
+
+def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None) -> Sink:
+    if isinstance(fs, LocalFileSystem):
+        return LocalSink(fs._strip_protocol(path))
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _TRANSACTIONAL:
+        return UploadSink(fs, path, block_size)
+    return RenameSink(fs, path)
