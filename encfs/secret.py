@@ -13,11 +13,12 @@ class SecretBytes:
     their own), but the buffers encfs owns are zeroed when a file or filesystem closes and at exit.
     """
 
-    __slots__ = ("_buf", "__weakref__")
+    __slots__ = ("_buf", "_wiped", "__weakref__")
     _live: "weakref.WeakSet[SecretBytes]" = weakref.WeakSet()
 
     def __init__(self, data: bytes | bytearray | memoryview):
         self._buf = bytearray(data)
+        self._wiped = False
         SecretBytes._live.add(self)
 
     @classmethod
@@ -32,10 +33,10 @@ class SecretBytes:
 
     @property
     def wiped(self) -> bool:
-        return not any(self._buf)
+        return self._wiped and not any(self._buf)
 
     def view(self) -> memoryview:
-        if not self._buf:
+        if self._wiped:
             raise ValueError("secret already wiped")
         return memoryview(self._buf)
 
@@ -44,9 +45,9 @@ class SecretBytes:
         return bytes(self.view())
 
     def wipe(self) -> None:
-        n = len(self._buf)
-        self._buf[:] = bytes(n)
-        self._buf.clear()
+        """Zero in place (views handed out see zeros; the buffer is never resized)."""
+        self._buf[:] = bytes(len(self._buf))
+        self._wiped = True
 
     def __repr__(self) -> str:
         return f"<SecretBytes len={len(self._buf)} [redacted]>"
