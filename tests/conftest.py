@@ -1,0 +1,103 @@
+"""Shared fixtures: key files, the ../shared/vectors location, a moto S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "dev"))
+
+SHARED_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+LOCAL_VECTORS = Path(__file__).resolve().parent / "vectors"
+
+
+def shared_vectors(name: str) -> Path:
+    """The ../shared/vectors/<name> folder; skip without it, but fail under CI=true."""
+    path = SHARED_VECTORS / name
+    if not path.is_dir():
+        msg = f"shared vectors not found at {path}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + " (CI=true requires them)")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_env_key(monkeypatch):
+    monkeypatch.delenv("ENCFS_KEY", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _cheap_argon2(monkeypatch):
+    """Argon2id at test cost; tests that need the real defaults set them explicitly."""
+    from encfs.keys import passphrase
+
+    monkeypatch.setattr(passphrase, "DEFAULT_PARAMS", passphrase.Argon2Params(memory_kib=1024, iterations=1, lanes=1))
+
+
+def write_key(path: Path, x25519: bool = False) -> str:
+    from encfs.keys import SymmetricKey, X25519Identity, key_file_text
+
+    key = X25519Identity.generate() if x25519 else SymmetricKey.generate()
+    path.write_text(key_file_text(key))
+    return f"keyfile:{path}"
+
+
+@pytest.fixture
+def keyref(tmp_path) -> str:
+    return write_key(tmp_path / "k.key")
+
+
+@pytest.fixture
+def other_keyref(tmp_path) -> str:
+    return write_key(tmp_path / "other.key")
+
+
+@pytest.fixture
+def enc(tmp_path, keyref):
+    """An encfs filesystem over local disk, rooted in a temp dir, plus the dir."""
+    from encfs.filesystem import EncFileSystem
+
+    fs = EncFileSystem(target_protocol="file", key=keyref, skip_instance_cache=True)
+    root = tmp_path / "data"
+    root.mkdir()
+    return fs, str(root)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto server) on 127.0.0.1, for the whole session."""
+    moto_server = pytest.importorskip("moto.server")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """A fresh bucket on the moto server and an s3fs filesystem pointing at it."""
+    s3fs = pytest.importorskip("s3fs")
+    import uuid
+
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    return fs, bucket, opts

@@ -1,0 +1,244 @@
+"""EncFileSystem over local disk and memory: every operation checked against plaintext."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import fsspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from encfs import FormatError
+from encfs import cobblestone as cs
+from encfs.filesystem import EncFileSystem
+
+SIZES = [0, 1, 16383, 16384, 16385, 5 * 16384 + 7, 200_000]
+
+
+def _data(n: int, seed: int = 0) -> bytes:
+    return os.urandom(n) if seed == 0 else bytes((i * seed) % 256 for i in range(n))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_roundtrip_sizes_local(enc, n):
+    fs, root = enc
+    data = _data(n)
+    path = f"{root}/f.bin"
+    with fs.open(path, "wb") as f:
+        for i in range(0, n, 10_000):
+            f.write(data[i : i + 10_000])
+    ct_size = os.path.getsize(path)
+    assert fs.info(path)["size"] == n == fs.size(path)
+    assert fs.info(path)["ciphertext_size"] == ct_size > n
+    assert fs.cat_file(path) == data
+    with open(path, "rb") as raw:
+        assert data[:64] not in raw.read() or n < 64
+
+
+def test_streaming_write_bounded_memory(enc):
+    """The writer holds one block of chunks however much is written in one call."""
+    fs, root = enc
+    data = _data(3 * 1024 * 1024 + 5)
+    with fs.open(f"{root}/big", "wb") as f:
+        f.write(memoryview(data))
+        assert len(f._w._pending) < f._w._block
+    assert fs.cat_file(f"{root}/big") == data
+
+
+st_ops = st.lists(st.tuples(st.integers(0, 120_000), st.integers(-1, 40_000)), min_size=1, max_size=12)
+
+
+@pytest.fixture(scope="module")
+def random_access_file(tmp_path_factory):
+    from .conftest import write_key
+
+    d = tmp_path_factory.mktemp("ra")
+    ref = write_key(d / "k.key")
+    fs = EncFileSystem(key=ref, skip_instance_cache=True)
+    data = _data(100_003, seed=7)
+    fs.pipe_file(str(d / "x"), data)
+    return fs, str(d / "x"), data
+
+
+@given(ops=st_ops, readahead=st.sampled_from([1, 2, 64]))
+def test_random_seeks_and_reads_match_plaintext(random_access_file, ops, readahead):
+    fs, path, data = random_access_file
+    with fs.open(path, "rb", readahead=readahead) as f:
+        for pos, n in ops:
+            f.seek(pos)
+            assert f.tell() == pos
+            expect = data[pos:] if n < 0 else data[pos : pos + n]
+            assert f.read(n) == expect
+            assert f.tell() == min(len(data), pos + len(expect)) if pos <= len(data) else True
+
+
+@given(pos=st.integers(0, 100_003), n=st.integers(0, 70_000))
+def test_readinto_matches_plaintext(random_access_file, pos, n):
+    fs, path, data = random_access_file
+    with fs.open(path, "rb") as f:
+        f.seek(pos)
+        buf = bytearray(n)
+        got = f.readinto(buf)
+        assert bytes(buf[:got]) == data[pos : pos + n]
+
+
+@given(start=st.integers(-120_000, 120_000) | st.none(), end=st.integers(-120_000, 120_000) | st.none())
+def test_cat_file_ranges_match_python_slicing(random_access_file, start, end):
+    fs, path, data = random_access_file
+    s = 0 if start is None else (max(0, len(data) + start) if start < 0 else start)
+    e = len(data) if end is None else (max(0, len(data) + end) if end < 0 else end)
+    assert fs.cat_file(path, start, end) == data[s:e]
+
+
+def test_random_read_touches_only_its_chunks(random_access_file):
+    fs, path, data = random_access_file
+    with fs.open(path, "rb") as f:
+        fetched = []
+        real = f._r.fetch
+        f._r.fetch = lambda first, count: fetched.append((first, count)) or real(first, count)
+        f.seek(3 * cs.CHUNK_SIZE + 10)
+        assert f.read(100) == data[3 * cs.CHUNK_SIZE + 10 : 3 * cs.CHUNK_SIZE + 110]
+        assert fetched == [(3, 1)]
+        f.seek(cs.CHUNK_SIZE - 5)
+        assert f.read(10) == data[cs.CHUNK_SIZE - 5 : cs.CHUNK_SIZE + 5]
+        assert fetched[-1] == (0, 2)
+
+
+def test_sequential_reads_prefetch_ahead(enc):
+    fs, root = enc
+    data = _data(40 * cs.CHUNK_SIZE + 3)
+    fs.pipe_file(f"{root}/s", data)
+    with fs.open(f"{root}/s", "rb", readahead=8) as f:
+        out = b"".join(iter(lambda: f.read(5000), b""))
+        assert out == data
+    with fs.open(f"{root}/s", "rb", readahead=8) as f:
+        f.read(10)
+        assert f._prefetch is not None and f._prefetch[:2] == (8, 8)
+
+
+def test_cat_ranges_and_pipe_and_text_mode(enc):
+    fs, root = enc
+    a, b = _data(50_000, 3), _data(20_000, 5)
+    fs.pipe({f"{root}/a": a, f"{root}/b": b})
+    out = fs.cat_ranges([f"{root}/a", f"{root}/b", f"{root}/a"], [0, 100, 40_000], [10, 20_000, 60_000])
+    assert out == [a[:10], b[100:20_000], a[40_000:]]
+    assert isinstance(fs.cat_ranges([f"{root}/missing"], [0], [1])[0], Exception)
+    with fs.open(f"{root}/t.txt", "w", encoding="utf-8") as f:
+        f.write("héllo\nwörld\n")
+    with fs.open(f"{root}/t.txt", "r", encoding="utf-8") as f:
+        assert f.readlines() == ["héllo\n", "wörld\n"]
+
+
+def test_listing_reports_plaintext_sizes(enc):
+    fs, root = enc
+    fs.pipe({f"{root}/d/x": b"x" * 100, f"{root}/d/sub/y": b"y" * 70_000, f"{root}/d/z": b""})
+    ls = {os.path.basename(e["name"]): e for e in fs.ls(f"{root}/d")}
+    assert ls["x"]["size"] == 100 and ls["z"]["size"] == 0 and ls["sub"]["type"] == "directory"
+    assert fs.find(f"{root}/d", detail=True)[f"{root}/d/sub/y"]["size"] == 70_000
+    assert sorted(fs.glob(f"{root}/d/*")) == sorted([f"{root}/d/x", f"{root}/d/z", f"{root}/d/sub"])
+    assert fs.du(f"{root}/d") == 70_100
+    assert fs.exists(f"{root}/d/x") and not fs.exists(f"{root}/d/nope")
+    assert fs.isdir(f"{root}/d/sub") and fs.isfile(f"{root}/d/x")
+
+
+def test_mv_cp_rm_keep_files_decryptable(enc):
+    fs, root = enc
+    data = _data(30_000)
+    fs.pipe_file(f"{root}/a", data)
+    fs.cp_file(f"{root}/a", f"{root}/b")
+    fs.mv(f"{root}/a", f"{root}/c")
+    assert not fs.exists(f"{root}/a")
+    assert fs.cat_file(f"{root}/b") == data == fs.cat_file(f"{root}/c")
+    fs.rm(f"{root}/b")
+    assert not fs.exists(f"{root}/b")
+
+
+def test_put_and_get_encrypt_and_decrypt(enc, tmp_path):
+    fs, root = enc
+    src = tmp_path / "plain"
+    src.mkdir()
+    (src / "one").write_bytes(_data(40_000))
+    (src / "two").write_bytes(b"")
+    fs.put(str(src), f"{root}/up", recursive=True)
+    assert (src / "one").read_bytes() not in open(f"{root}/up/one", "rb").read()
+    fs.get(f"{root}/up", str(tmp_path / "down"), recursive=True)
+    assert (tmp_path / "down" / "one").read_bytes() == (src / "one").read_bytes()
+    assert (tmp_path / "down" / "two").read_bytes() == b""
+
+
+def test_memory_backend_url_and_fs_object(keyref):
+    data = _data(33_000)
+    with fsspec.open("encfs::memory://ds/x.bin", "wb", encfs={"key": keyref}) as f:
+        f.write(data)
+    raw = fsspec.filesystem("memory").cat_file("/ds/x.bin")
+    assert raw[:8] == b"\x89ENCFS\r\n" and data not in raw
+    with fsspec.open("encfs::memory://ds/x.bin", "rb", encfs={"key": keyref}) as f:
+        assert f.read() == data
+    fs = fsspec.filesystem("encfs", fs=fsspec.filesystem("memory"), key=keyref)
+    assert fs.cat_file("/ds/x.bin") == data
+    fs2 = fsspec.filesystem("encfs", target_protocol="memory", key=keyref)
+    assert fs2.ls("/ds", detail=True)[0]["size"] == 33_000
+
+
+def test_pickle_carries_references_not_key_bytes(enc, keyref):
+    fs, root = enc
+    fs.pipe_file(f"{root}/p", b"pickled")
+    blob = pickle.dumps(fs)
+    key_line = open(keyref.split(":", 1)[1]).read().split("encfs-key-v1:")[1].strip()
+    assert key_line.encode() not in blob
+    assert keyref.encode() in blob
+    assert pickle.loads(blob).cat_file(f"{root}/p") == b"pickled"
+    with fs.open(f"{root}/p", "rb") as f:
+        f.seek(3)
+        g = pickle.loads(pickle.dumps(f))
+        assert g.read() == b"kled"
+
+
+def test_in_memory_keys_refuse_to_pickle(tmp_path):
+    from encfs.keys import SymmetricKey
+
+    fs = EncFileSystem(key=[SymmetricKey.generate()], skip_instance_cache=True)
+    with pytest.raises(TypeError, match="key reference"):
+        pickle.dumps(fs)
+
+
+def test_not_encfs_is_format_error_unless_opted_in(tmp_path, keyref):
+    (tmp_path / "plain.csv").write_bytes(b"a,b\n1,2\n")
+    strict = EncFileSystem(key=keyref, skip_instance_cache=True)
+    with pytest.raises(FormatError, match="not an encfs file"):
+        strict.cat_file(str(tmp_path / "plain.csv"))
+    mixed = EncFileSystem(key=keyref, allow_plaintext=True, skip_instance_cache=True)
+    assert mixed.cat_file(str(tmp_path / "plain.csv")) == b"a,b\n1,2\n"
+    assert mixed.info(str(tmp_path / "plain.csv"))["encrypted"] is False
+
+
+def test_append_is_refused(enc):
+    fs, root = enc
+    fs.pipe_file(f"{root}/a", b"x")
+    with pytest.raises(NotImplementedError, match="nonce"):
+        fs.open(f"{root}/a", "ab")
+
+
+def test_exclusive_create(enc):
+    fs, root = enc
+    fs.pipe_file(f"{root}/a", b"x")
+    with pytest.raises(FileExistsError):
+        fs.open(f"{root}/a", "xb")
+
+
+def test_each_file_has_its_own_key_and_salt(enc):
+    fs, root = enc
+    fs.pipe({f"{root}/a": b"same", f"{root}/b": b"same"})
+    a, b = (open(f"{root}/{n}", "rb").read() for n in "ab")
+    assert a[12:28] != b[12:28]
+    assert a[-20:] != b[-20:]
+
+
+def test_readable_through_io_wrappers(enc):
+    fs, root = enc
+    fs.pipe_file(f"{root}/lines", b"".join(b"line %d\n" % i for i in range(5000)))
+    with fs.open(f"{root}/lines", "rb") as f:
+        assert sum(1 for _ in io.BufferedReader(f)) == 5000
