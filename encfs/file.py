@@ -4,8 +4,12 @@ Reads are served from a window of decrypted chunks. A read that continues where 
 one ended is sequential: the window grows to ``readahead`` chunks and the next window's
 ciphertext is fetched in the background while this one decrypts. Any other read decrypts
 only the chunks it touches. A chunk-aligned ``readinto`` of whole chunks decrypts straight
-into the caller's buffer. When a chunk fails authentication the caller gets the verified
-bytes before it, and the next read raises ``IntegrityError``.
+into the caller's buffer. A read never comes back short because a chunk failed (callers
+take a short read for end of file): it raises ``IntegrityError``, whose ``verified_bytes``
+says how much of a ``readinto`` buffer holds verified plaintext (the rest is zeroed), and the
+position moves past those bytes only. No read reaches end of file
+before the final chunk has verified: an empty final chunk holds no bytes to read, but its
+tag is what tells a whole file from one truncated at a chunk boundary.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class EncryptedReader(io.BufferedIOBase):
         self._seq_next: int | None = 0
         self._pool: ThreadPoolExecutor | None = None
         self._prefetch: tuple[int, int, Future[bytes]] | None = None
+        self._final_ok = False
 
     @property
     def header(self):
@@ -68,12 +73,15 @@ class EncryptedReader(io.BufferedIOBase):
         self._check_open()
         n = self.size - self.loc if size is None or size < 0 else min(size, max(0, self.size - self.loc))
         if n <= 0:
+            if size != 0 and self.loc >= self.size:
+                self._verify_final()
             return b""
         buf = bytearray(n)
-        got = self.readinto(buf)
-        out = bytes(memoryview(buf)[:got])
-        buf[:] = bytes(n)
-        return out
+        try:
+            got = self.readinto(buf)
+            return bytes(memoryview(buf)[:got])
+        finally:
+            buf[:] = bytes(n)
 
     read1 = read
 
@@ -85,16 +93,31 @@ class EncryptedReader(io.BufferedIOBase):
         out = memoryview(b).cast("B")
         n = min(len(out), max(0, self.size - self.loc))
         done = 0
-        while done < n:
-            pos = self.loc + done
-            try:
-                done += self._serve(pos, out[done:n])
-            except IntegrityError:
-                if done:
-                    break
-                raise
-        self.loc += done
+        try:
+            while done < n:
+                done += self._serve(self.loc + done, out[done:n])
+            if len(out) and self.loc + done >= self.size:
+                self._verify_final()
+        except IntegrityError as e:
+            out[done:n] = bytes(n - done)
+            e.verified_bytes = done
+            raise
+        finally:
+            self.loc += done
         return done
+
+    def _verify_final(self) -> None:
+        """Open the final chunk if no read has yet (it is empty when size % 16 KiB == 0)."""
+        if self._final_ok:
+            return
+        last = self._r.chunks - 1
+        _, pt = self._r.span(last, 1)
+        scratch = bytearray(pt)
+        try:
+            self._r.read_into(last, 1, memoryview(scratch))
+        finally:
+            scratch[:] = bytes(pt)
+        self._final_ok = True
 
     readinto1 = readinto
 
@@ -113,11 +136,13 @@ class EncryptedReader(io.BufferedIOBase):
                 self._drop_prefetch()
                 self._seq_next = pos + pt
                 try:
-                    return self._r.read_into(first, count, out[:pt])
+                    got = self._r.read_into(first, count, out[:pt])
                 except IntegrityError as e:
                     if e.verified_bytes:
                         return e.verified_bytes
                     raise
+                self._final_ok |= first + count == self._r.chunks
+                return got
         self._fill(pos, len(out))
         return self._serve(pos, out)
 
@@ -139,6 +164,7 @@ class EncryptedReader(io.BufferedIOBase):
         self._win_start, self._win_len = first * cs.CHUNK_SIZE, 0
         try:
             self._win_len = self._r.decrypt_into(first, ct, memoryview(self._win)[:pt])
+            self._final_ok |= first + count == self._r.chunks
         except IntegrityError as e:
             self._win_len = e.verified_bytes
             if pos >= self._win_start + self._win_len:

@@ -316,16 +316,10 @@ def _read_range(f: Any, start: int | None, end: int | None) -> bytes:
     size = f.size
     start = 0 if start is None else (max(0, size + start) if start < 0 else start)
     end = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
-    if start >= end:
-        return b""
-    f.seek(start)
-    out = bytearray()
-    while len(out) < end - start:
-        part = f.read(end - start - len(out))
-        if not part:
-            break
-        out += part
-    return bytes(out)
+    f.seek(min(start, end))
+    if end == size:
+        return f.read()
+    return f.read(max(0, end - start))
 
 
 def _pump(src: Any, dst: Any, callback: Any) -> None:
