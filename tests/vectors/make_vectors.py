@@ -12,7 +12,7 @@ from pathlib import Path
 import fsspec
 
 from encfs.filesystem import EncFileSystem
-from encfs.format import parse
+from encfs.format import Stanza, parse
 from encfs.keys import Argon2Params, Passphrase, SymmetricKey, X25519Identity, key_file_text
 from encfs.secret import SecretBytes
 
@@ -72,6 +72,23 @@ def main() -> None:
     ohl = struct.unpack(">I", other[28:32])[0]
     bad("payload-under-other-header", other[:ohl] + base[hl:], "IntegrityError", "payload of key-40000 under key-16385's header: commitment fails")
     bad("not-encfs", b"PAR1" + bytes(200), "FormatError", "a plaintext file")
+    bad("header-beyond-file", base[:28] + struct.pack(">I", len(base) + 512) + base[32:], "FormatError", "H larger than the file")
+    xbase = bytes.fromhex(next(c for c in cases if c["name"] == "x25519-1")["file"])
+
+    def restanza(raw: bytes, change) -> bytes:
+        h = parse(raw)
+        stanzas = [change(st) for st in h.stanzas]
+        body = struct.pack(">H", len(stanzas)) + b"".join(st.encode() for st in stanzas)
+        head = raw[:32] + body + h.mac
+        return head + bytes(h.length - len(head)) + raw[h.length:]
+
+    bad("unknown-stanza-type", restanza(base, lambda st: Stanza("kms", st.key_id, st.params, st.body)), "FormatError", "recipient type 'kms' is unknown in v1")
+    bad("stanza-body-59", restanza(base, lambda st: Stanza(st.type, st.key_id, st.params, st.body[:59])), "FormatError", "wrapped key body must be 60 bytes")
+    bad("x25519-low-order-share", restanza(xbase, lambda st: Stanza(st.type, st.key_id, bytes(32), st.body)), "FormatError", "ephemeral share 0: all-zero shared secret")
+    bad("x25519-params-31", restanza(xbase, lambda st: Stanza(st.type, st.key_id, st.params[:31], st.body)), "FormatError", "x25519 params must be 32 bytes")
+    for c in cases[-4:]:
+        if c["name"].startswith("x25519"):
+            c["recipient"] = "x25519"
     out = {
         "format": "encfs v1 (docs/FORMAT.md)",
         "keys": {"key": key_file_text(sym), "x25519": key_file_text(ident), "passphrase": PASSPHRASE},
