@@ -99,5 +99,5 @@ def s3(s3_endpoint):
     opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
     bucket = f"b{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
+    fs.call_s3("create_bucket", Bucket=bucket)
     return fs, bucket, opts
