@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One entry point for the README's two commands:
+#   bash scripts/run.sh main   set up .venv, then encrypt a synthetic dataset and train through encfs:: URLs
+#   bash scripts/run.sh test   set up .venv, then run the whole test suite
+# Needs python3 (3.10+), pip, gcc and the OpenSSL 3 headers (Debian/Ubuntu: libssl-dev).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-}"
+case "$what" in main|test) ;; *) echo "usage: bash scripts/run.sh main|test" >&2; exit 2 ;; esac
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
+# torch is pinned: 2.13.0 is a CPU build on these machines; an unpinned torch pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q --no-build-isolation -e '.[torch,pyarrow,s3,dev]'
+.venv/bin/python -c "import encfs._native" 2>/dev/null \
+  || echo "warning: native backend not built (install gcc and libssl-dev); using the python backend" >&2
+
+if [ "$what" = main ]; then
+  exec .venv/bin/python benchmarks/main_job.py "${@:2}"
+fi
+exec .venv/bin/python -m pytest "${@:2}"
