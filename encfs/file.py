@@ -133,10 +133,10 @@ class EncryptedReader(io.BufferedIOBase):
             count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first)
             _, pt = self._r.span(first, count)
             if pt <= len(out):
-                self._drop_prefetch()
+                ct = self._fetch_pipelined(first, count, sequential=pos == self._seq_next)
                 self._seq_next = pos + pt
                 try:
-                    got = self._r.read_into(first, count, out[:pt])
+                    got = self._r.decrypt_into(first, ct, out[:pt])
                 except IntegrityError as e:
                     if e.verified_bytes:
                         return e.verified_bytes
@@ -152,11 +152,7 @@ class EncryptedReader(io.BufferedIOBase):
         sequential = pos == self._seq_next
         count = max(last - first + 1, self.readahead if sequential else 1)
         count = min(count, self._r.chunks - first)
-        ct = self._take_prefetch(first, count)
-        if sequential and first + count < self._r.chunks:
-            nxt = min(count, self._r.chunks - first - count)
-            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="encfs-readahead")
-            self._prefetch = (first + count, nxt, self._pool.submit(self._r.fetch, first + count, nxt))
+        ct = self._fetch_pipelined(first, count, sequential)
         _, pt = self._r.span(first, count)
         if len(self._win) < pt:
             self._wipe_window()
@@ -170,6 +166,16 @@ class EncryptedReader(io.BufferedIOBase):
             if pos >= self._win_start + self._win_len:
                 raise
         self._seq_next = self._win_start + self._win_len
+
+    def _fetch_pipelined(self, first: int, count: int, sequential: bool) -> bytes:
+        """Ciphertext of chunks ``first..+count``; when reading sequentially, start fetching
+        the next run of the same length in the background before returning."""
+        ct = self._take_prefetch(first, count)
+        nxt = min(count, self._r.chunks - first - count)
+        if sequential and nxt > 0:
+            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="encfs-readahead")
+            self._prefetch = (first + count, nxt, self._pool.submit(self._r.fetch, first + count, nxt))
+        return ct
 
     def _take_prefetch(self, first: int, count: int) -> bytes:
         if self._prefetch and self._prefetch[:2] == (first, count):

@@ -11,17 +11,15 @@ from __future__ import annotations
 import io
 import os
 import threading
-from typing import Any, Iterable
+from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.implementations.chained import ChainedFileSystem
 
-from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend
-from .errors import FormatError
 from .file import DEFAULT_READAHEAD, EncryptedReader, EncryptedWriter
 from .keys import KeyRing
 from .keys.refs import KeySpec
@@ -335,7 +333,3 @@ def _pump(src: Any, dst: Any, callback: Any) -> None:
     finally:
         buf[:] = bytes(len(buf))
 
-
-def iter_files(fs: EncFileSystem, paths: Iterable[str]) -> Iterable[str]:
-    for p in paths:
-        yield from (fs.find(p) if fs.isdir(p) else [p])

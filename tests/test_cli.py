@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def run(*args, input=None, env=None, check=True):
     res = subprocess.run([sys.executable, "-m", "encfs.cli", *args], capture_output=True, input=input, env={**os.environ, **(env or {})}, timeout=120)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pytest
-
-from encfs.filesystem import EncFileSystem
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

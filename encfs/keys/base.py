@@ -45,20 +45,28 @@ def hkdf32(ikm: memoryview | bytes, salt: bytes, info: bytes) -> SecretBytes:
 
 
 def seal_stanza(type_: str, key_id: bytes, params: bytes, wrap_key: SecretBytes, file_key: SecretBytes, context: bytes) -> Stanza:
-    placeholder = Stanza(type_, key_id, params, b"\x00")
-    nonce = os.urandom(_NONCE)
-    body = nonce + AESGCM(wrap_key.view()).encrypt(nonce, file_key.view(), placeholder.aad(context))
-    return Stanza(type_, key_id, params, body)
+    """Wrap ``file_key`` under ``wrap_key`` (which this call wipes)."""
+    try:
+        placeholder = Stanza(type_, key_id, params, b"\x00")
+        nonce = os.urandom(_NONCE)
+        body = nonce + AESGCM(wrap_key.view()).encrypt(nonce, file_key.view(), placeholder.aad(context))
+        return Stanza(type_, key_id, params, body)
+    finally:
+        wrap_key.wipe()
 
 
 def open_stanza(stanza: Stanza, wrap_key: SecretBytes, context: bytes) -> SecretBytes | None:
-    if len(stanza.body) != BODY_SIZE:
-        raise FormatError(f"{stanza.type} stanza body must be {BODY_SIZE} bytes, got {len(stanza.body)}")
+    """Unwrap with ``wrap_key`` (which this call wipes); None if the tag does not verify."""
     try:
-        key = AESGCM(wrap_key.view()).decrypt(stanza.body[:_NONCE], stanza.body[_NONCE:], stanza.aad(context))
-    except InvalidTag:
-        return None
-    return SecretBytes(key)
+        if len(stanza.body) != BODY_SIZE:
+            raise FormatError(f"{stanza.type} stanza body must be {BODY_SIZE} bytes, got {len(stanza.body)}")
+        try:
+            key = AESGCM(wrap_key.view()).decrypt(stanza.body[:_NONCE], stanza.body[_NONCE:], stanza.aad(context))
+        except InvalidTag:
+            return None
+        return SecretBytes(key)
+    finally:
+        wrap_key.wipe()
 
 
 def new_file_key() -> SecretBytes:

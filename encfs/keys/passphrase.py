@@ -58,11 +58,7 @@ class Passphrase:
     def wrap(self, file_key: SecretBytes, context: bytes) -> Stanza:
         salt = os.urandom(SALT_SIZE)
         p = self.params
-        wk = self._derive(salt, p)
-        try:
-            return seal_stanza(TYPE, b"", _PARAMS.pack(salt, p.memory_kib, p.iterations, p.lanes), wk, file_key, context)
-        finally:
-            wk.wipe()
+        return seal_stanza(TYPE, b"", _PARAMS.pack(salt, p.memory_kib, p.iterations, p.lanes), self._derive(salt, p), file_key, context)
 
     def matches(self, stanza: Stanza) -> bool:
         return stanza.type == TYPE
@@ -71,11 +67,7 @@ class Passphrase:
         if len(stanza.params) != _PARAMS.size or stanza.key_id:
             raise FormatError("malformed passphrase stanza")
         salt, m, t, lanes = _PARAMS.unpack(stanza.params)
-        wk = self._derive(salt, Argon2Params(m, t, lanes))
-        try:
-            return open_stanza(stanza, wk, context)
-        finally:
-            wk.wipe()
+        return open_stanza(stanza, self._derive(salt, Argon2Params(m, t, lanes)), context)
 
     def wipe(self) -> None:
         self._pass.wipe()

@@ -37,21 +37,13 @@ class SymmetricKey:
         return hkdf32(self._key.view(), context[12:28], b"encfs/v1 key-wrap")
 
     def wrap(self, file_key: SecretBytes, context: bytes) -> Stanza:
-        wk = self._wrap_key(context)
-        try:
-            return seal_stanza(TYPE, self.key_id, b"", wk, file_key, context)
-        finally:
-            wk.wipe()
+        return seal_stanza(TYPE, self.key_id, b"", self._wrap_key(context), file_key, context)
 
     def matches(self, stanza: Stanza) -> bool:
         return stanza.type == TYPE and hmac.compare_digest(stanza.key_id, self.key_id)
 
     def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
-        wk = self._wrap_key(context)
-        try:
-            return open_stanza(stanza, wk, context)
-        finally:
-            wk.wipe()
+        return open_stanza(stanza, self._wrap_key(context), context)
 
     def wipe(self) -> None:
         self._key.wipe()

@@ -44,10 +44,7 @@ class X25519Recipient:
         shared = SecretBytes(eph.exchange(X25519PublicKey.from_public_bytes(self.public)))
         wk = hkdf32(shared.view(), eph_pub + self.public, _INFO)
         shared.wipe()
-        try:
-            return seal_stanza(TYPE, self.key_id, eph_pub, wk, file_key, context)
-        finally:
-            wk.wipe()
+        return seal_stanza(TYPE, self.key_id, eph_pub, wk, file_key, context)
 
     def __repr__(self) -> str:
         return f"<X25519Recipient id={self.key_id.hex()}>"
@@ -91,10 +88,7 @@ class X25519Identity:
             raise FormatError("x25519 stanza has a low-order ephemeral share") from None
         wk = hkdf32(shared.view(), stanza.params + self.recipient.public, _INFO)
         shared.wipe()
-        try:
-            return open_stanza(stanza, wk, context)
-        finally:
-            wk.wipe()
+        return open_stanza(stanza, wk, context)
 
     def wipe(self) -> None:
         self._secret.wipe()
