@@ -1,0 +1,368 @@
+"""Page-locked buffers for key material and plaintext.
+
+``SecureBuffer`` is an anonymous private mapping that is locked in RAM (``mlock``), left out of
+core dumps (``MADV_DONTDUMP``) and wiped when released. It is an ``mmap.mmap``, so it exposes
+the buffer protocol: ``memoryview(buf)``, ``numpy.frombuffer(buf, ...)`` and
+``torch.frombuffer(buf, dtype=torch.uint8)`` all see the same memory, without copies.
+
+Release is safe while views are alive. ``release()`` wipes the bytes, unlocks them and hands
+the pages back to the kernel (``MADV_DONTNEED``) at once, but the address range stays mapped
+until the object itself is garbage: every memoryview, NumPy array and tensor made from the
+buffer holds a reference to it, so none can ever read unmapped memory; after release they read
+zeros. (``torch.frombuffer`` holds a reference but no buffer export, which is why release never
+unmaps eagerly.) Writes through such a view after release land in ordinary, unlocked memory.
+
+When locking fails (``RLIMIT_MEMLOCK`` too small) the memory is still used, unlocked; the
+fallback is counted (``mlock_fallbacks()``) and warned about once per process. With the native
+extension the locking and wiping run in C (``OPENSSL_cleanse``); without it (or with
+``ENCFS_SECUREMEM=python``), through ``ctypes`` and libc, with the same API.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+PAGE_SIZE = mmap.PAGESIZE
+
+__all__ = ["PAGE_SIZE", "BufferPool", "SecureBuffer", "buffer_address", "cleanse", "locked_bytes", "mlock_fallbacks"]
+
+
+class _PyMemory:
+    """Locking and wiping through libc via ctypes, for when encfs._native is not built."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        for name in ("mlock", "munlock"):
+            fn = getattr(self._libc, name)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            fn.restype = ctypes.c_int
+        self._mutex = threading.Lock()
+        self.fallbacks = 0
+        self.locked = 0
+
+    def lock(self, addr: int, n: int) -> bool:
+        ok = self._libc.mlock(addr, n) == 0
+        with self._mutex:
+            if ok:
+                self.locked += _page_round(n)
+            else:
+                self.fallbacks += 1
+        return ok
+
+    def unlock(self, addr: int, n: int, locked: bool) -> None:
+        ctypes.memset(addr, 0, n)
+        if locked and self._libc.munlock(addr, n) == 0:
+            with self._mutex:
+                self.locked -= _page_round(n)
+
+    def zero(self, addr: int, n: int) -> None:
+        ctypes.memset(addr, 0, n)
+
+    def mlock_fallbacks(self) -> int:
+        return self.fallbacks
+
+    def locked_bytes(self) -> int:
+        return self.locked
+
+
+class _NativeMemory:
+    """Locking and wiping in encfs._native (shares its counters with the C allocator)."""
+
+    def __init__(self, ffi: Any, lib: Any) -> None:
+        self._ffi, self._lib = ffi, lib
+
+    def _ptr(self, addr: int) -> Any:
+        return self._ffi.cast("void *", addr)
+
+    def lock(self, addr: int, n: int) -> bool:
+        return bool(self._lib.encfs_secure_lock(self._ptr(addr), n))
+
+    def unlock(self, addr: int, n: int, locked: bool) -> None:
+        self._lib.encfs_secure_unlock(self._ptr(addr), n, int(locked))
+
+    def zero(self, addr: int, n: int) -> None:
+        self._lib.encfs_cleanse(self._ptr(addr), n)
+
+    def mlock_fallbacks(self) -> int:
+        return int(self._lib.encfs_mlock_fallbacks())
+
+    def locked_bytes(self) -> int:
+        return int(self._lib.encfs_locked_bytes())
+
+
+def _page_round(n: int) -> int:
+    return -(-n // PAGE_SIZE) * PAGE_SIZE
+
+
+def _load_memory() -> _PyMemory | _NativeMemory:
+    if os.environ.get("ENCFS_SECUREMEM") != "python":
+        try:
+            from ._native import ffi, lib
+        except ImportError:
+            pass
+        else:
+            return _NativeMemory(ffi, lib)
+    return _PyMemory()
+
+
+_mem = _load_memory()
+_warned = False
+_warn_mutex = threading.Lock()
+
+
+def _lock_failed() -> None:
+    global _warned
+    with _warn_mutex:
+        if _warned:
+            return
+        _warned = True
+    warnings.warn(
+        "encfs: could not lock memory (mlock failed; RLIMIT_MEMLOCK too small?); secure buffers "
+        "fall back to unlocked memory that may be swapped. Raise 'ulimit -l' to avoid this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def mlock_fallbacks() -> int:
+    """How many times locking failed in this process and unlocked memory was used instead."""
+    return _mem.mlock_fallbacks()
+
+
+def locked_bytes() -> int:
+    """Bytes encfs holds locked right now (whole pages)."""
+    return _mem.locked_bytes()
+
+
+def buffer_address(obj: Any) -> int:
+    """Address of the first byte of a writable buffer (the export is dropped at once)."""
+    anchor = ctypes.c_char.from_buffer(obj)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+def cleanse(obj: Any) -> None:
+    """Zero a writable buffer in place (``OPENSSL_cleanse`` when the extension is built)."""
+    n = memoryview(obj).nbytes
+    if n:
+        _mem.zero(buffer_address(obj), n)
+
+
+class SecureBuffer(mmap.mmap):
+    """``nbytes`` of page-aligned, zero-filled memory, locked and kept out of core dumps.
+
+    Use as a context manager, or call ``release()`` (idempotent; also run at exit for buffers
+    still alive). ``close()`` is the same as ``release()``. ``lock=False`` skips ``mlock`` (for
+    large buffers that may exceed ``RLIMIT_MEMLOCK``) but still wipes and excludes from dumps.
+    """
+
+    __slots__ = ("_addr", "_locked", "_released")
+
+    def __new__(cls, nbytes: int, *, lock: bool = True) -> "SecureBuffer":
+        if not isinstance(nbytes, int) or nbytes <= 0:
+            raise ValueError("nbytes must be a positive int")
+        self = super().__new__(cls, -1, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._released = False
+        self._locked = False
+        self._addr = buffer_address(self)
+        if hasattr(mmap, "MADV_DONTDUMP"):
+            mmap.mmap.madvise(self, mmap.MADV_DONTDUMP)
+        if lock:
+            self._locked = _mem.lock(self._addr, nbytes)
+            if not self._locked:
+                _lock_failed()
+        with _live_mutex:
+            _live.add(self)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return len(self)
+
+    @property
+    def locked(self) -> bool:
+        return self._locked
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def zero(self) -> None:
+        """Wipe the contents, keeping the buffer usable."""
+        if not self._released:
+            _mem.zero(self._addr, len(self))
+
+    def release(self) -> None:
+        """Wipe, unlock and return the pages; views still alive read zeros from then on."""
+        if self._released:
+            return
+        self._released = True
+        _mem.unlock(self._addr, len(self), self._locked)
+        self._locked = False
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            mmap.mmap.madvise(self, mmap.MADV_DONTNEED)
+        with _live_mutex:
+            _live.discard(self)
+
+    close = release
+
+    def resize(self, newsize: int) -> None:
+        raise TypeError("SecureBuffer cannot be resized")
+
+    def exported(self) -> bool:
+        """Whether buffer-protocol views (memoryview, NumPy) of this buffer are alive.
+
+        ``torch.frombuffer`` tensors hold no export and are not seen here.
+        """
+        if self._released:
+            return False
+        try:
+            mmap.mmap.resize(self, len(self))  # refuses with BufferError while exports exist
+        except BufferError:
+            return True
+        except (OSError, SystemError, ValueError):
+            pass
+        return False
+
+    def __enter__(self) -> "SecureBuffer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("SecureBuffer is not picklable")
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else ("locked" if self._locked else "unlocked")
+        return f"<SecureBuffer nbytes={len(self)} {state}>"
+
+
+_live: "weakref.WeakSet[SecureBuffer]" = weakref.WeakSet()
+_live_mutex = threading.Lock()
+
+
+def _reinit_locks_after_fork() -> None:
+    """A lock held by another thread at fork() would stay held forever in the child."""
+    global _live_mutex, _warn_mutex
+    _live_mutex, _warn_mutex = threading.Lock(), threading.Lock()
+    if isinstance(_mem, _PyMemory):
+        _mem._mutex = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
+
+
+@atexit.register
+def _release_all() -> None:
+    with _live_mutex:
+        bufs = list(_live)
+    for buf in bufs:
+        buf.release()
+
+
+class BufferPool:
+    """Hands out ``SecureBuffer``s of one size and takes them back zeroed, for reuse.
+
+    At most ``max_buffers`` are out at once; ``acquire`` blocks (up to ``timeout``) when all
+    are. A buffer given back while memoryview/NumPy views of it are still alive is released
+    (wiped) instead of recycled, so no view can see the next user's data. Tensors made with
+    ``torch.frombuffer`` cannot be detected: drop them before giving a buffer back.
+    """
+
+    def __init__(self, buffer_size: int, max_buffers: int, *, lock: bool = True):
+        if buffer_size <= 0 or max_buffers <= 0:
+            raise ValueError("buffer_size and max_buffers must be positive")
+        self.buffer_size = buffer_size
+        self.max_buffers = max_buffers
+        self._lock_pages = lock
+        self._idle: list[SecureBuffer] = []
+        self._out: dict[int, weakref.ref[SecureBuffer]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def in_use(self) -> int:
+        return len(self._out)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def acquire(self, timeout: float | None = None) -> SecureBuffer:
+        """A zeroed buffer; raises TimeoutError when none frees up within ``timeout`` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._closed or len(self._out) < self.max_buffers, timeout):
+                raise TimeoutError(f"all {self.max_buffers} pool buffers are in use")
+            if self._closed:
+                raise ValueError("pool is closed")
+            buf = self._idle.pop() if self._idle else SecureBuffer(self.buffer_size, lock=self._lock_pages)
+            self._out[id(buf)] = weakref.ref(buf, self._lost(id(buf)))
+            return buf
+
+    def release(self, buf: SecureBuffer) -> None:
+        """Give ``buf`` back: it is zeroed and kept for reuse (or released, see class doc)."""
+        with self._cond:
+            ref = self._out.get(id(buf))
+            if ref is None or ref() is not buf:
+                raise ValueError("buffer does not belong to this pool or was already given back")
+            del self._out[id(buf)]
+            if self._closed or buf.exported():
+                buf.release()
+            else:
+                buf.zero()
+                self._idle.append(buf)
+            self._cond.notify()
+
+    @contextlib.contextmanager
+    def lease(self, timeout: float | None = None) -> Iterator[SecureBuffer]:
+        """``with pool.lease() as buf:`` acquire, then give back on exit."""
+        buf = self.acquire(timeout)
+        try:
+            yield buf
+        finally:
+            self.release(buf)
+
+    def _lost(self, key: int) -> Any:
+        """Weakref callback: a buffer handed out was dropped without being given back."""
+
+        def forget(_ref: object) -> None:
+            with self._cond:
+                self._out.pop(key, None)
+                self._cond.notify()
+
+        return forget
+
+    def close(self) -> None:
+        """Release the idle buffers; buffers still out are released when given back."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for buf in idle:
+            buf.release()
+
+    def __enter__(self) -> "BufferPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

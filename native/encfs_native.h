@@ -1,0 +1,66 @@
+/* encfs native core: Cobblestone-256 chunk batches over OpenSSL 3 EVP AES-256-GCM, and
+ * page-locked secure memory. No function here prints or logs key bytes. */
+#ifndef ENCFS_NATIVE_H
+#define ENCFS_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ENCFS_KEY_SIZE 32
+#define ENCFS_NONCE_SIZE 12
+#define ENCFS_TAG_SIZE 16
+#define ENCFS_CHUNK_SIZE 16384
+#define ENCFS_CT_CHUNK_SIZE 16400
+#define ENCFS_MAX_CHUNKS 274877906944ULL /* 2^38 */
+#define ENCFS_MAX_THREADS 256
+
+/* Error codes (all negative). */
+#define ENCFS_E_ARG (-1)    /* NULL pointer or unsupported key/iv size */
+#define ENCFS_E_FORMAT (-2) /* last ciphertext piece shorter than a tag; non-final plaintext not whole chunks */
+#define ENCFS_E_SPACE (-3)  /* output buffer too small */
+#define ENCFS_E_AUTH (-4)   /* a tag did not verify */
+#define ENCFS_E_RANGE (-5)  /* chunk index reaches 2^38 */
+#define ENCFS_E_CRYPTO (-6) /* OpenSSL refused an operation */
+#define ENCFS_E_OVERLAP (-8) /* input and output buffers overlap */
+
+/* Open the chunks first_index.. cut from ct at 16400-byte steps (the last may be shorter,
+ * but at least a tag) into out. Returns plaintext bytes written. On ENCFS_E_AUTH,
+ * *failed_index is the lowest failing chunk index and out is zeroed from that chunk's
+ * plaintext offset to the end of the span. Chunks are split across nthreads threads. */
+int64_t encfs_decrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
+                             const uint8_t *ct, size_t ct_len, uint8_t *out, size_t out_cap,
+                             int nthreads, int64_t *failed_index);
+
+/* Seal pt as chunks first_index.. into out. With final != 0 the last piece (short, maybe
+ * empty) is the final chunk; otherwise pt_len must be a multiple of 16384. Returns
+ * ciphertext bytes written. */
+int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
+                             const uint8_t *pt, size_t pt_len, int final, uint8_t *out,
+                             size_t out_cap, int nthreads);
+
+/* Single-shot AES-256-GCM (32-byte key, 12-byte iv, 16-byte tag). seal writes ct||tag
+ * (pt_len + 16 bytes); open takes ct||tag and writes the plaintext, zeroing it on failure. */
+int64_t encfs_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
+                       const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
+                       uint8_t *out, size_t out_cap);
+int64_t encfs_gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
+                       const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t ct_len,
+                       uint8_t *out, size_t out_cap);
+
+/* Secure memory. secure_alloc maps whole pages, excludes them from core dumps and locks
+ * them; when locking fails the pages stay unlocked, *locked is 0 and the fallback counter
+ * goes up. secure_free cleanses, unlocks and unmaps. */
+void *encfs_secure_alloc(size_t n, int *locked);
+void encfs_secure_free(void *p, size_t n, int locked);
+/* The same, on pages someone else mapped: lock returns 1 when locked, 0 on fallback;
+ * unlock cleanses n bytes and unlocks them when they were locked. */
+int encfs_secure_lock(void *p, size_t n);
+void encfs_secure_unlock(void *p, size_t n, int locked);
+void encfs_cleanse(void *p, size_t n);
+uint64_t encfs_mlock_fallbacks(void);
+uint64_t encfs_locked_bytes(void);
+int encfs_mlock_probe(void);
+
+const char *encfs_openssl_version(void);
+
+#endif
