@@ -3,8 +3,8 @@
 A backend turns a chunk key and base nonce into a ``ChunkCipher`` that seals or opens a
 contiguous run of chunks, starting at any chunk index, straight into a caller's buffer.
 ``python`` uses pyca/cryptography; ``native`` (native/, cffi + OpenSSL) releases the GIL
-and runs chunks in parallel. Both produce identical bytes. ``ENCFS_BACKEND`` picks one
-(``auto``, the default, prefers native when it is built).
+and runs chunks in parallel. Both produce identical bytes. ``ENCFS_BACKEND`` picks one;
+``auto``, the default, routes each call to whichever is faster for its length (below).
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ class _PyChunkCipher:
         pos = 0
         for j, start in enumerate(range(0, len(ciphertext), CT_CHUNK_SIZE)):
             piece = ciphertext[start : start + CT_CHUNK_SIZE]
+            n = len(piece) - TAG_SIZE
             try:
-                pt = aead.decrypt(chunk_nonce(self._base_nonce, first_index + j), piece, None)
+                aead.decrypt_into(chunk_nonce(self._base_nonce, first_index + j), piece, None, out[pos : pos + n])
             except InvalidTag:
                 out[pos:total] = bytes(total - pos)
                 raise IntegrityError(
@@ -70,8 +71,7 @@ class _PyChunkCipher:
                     chunk_index=first_index + j,
                     verified_bytes=pos,
                 ) from None
-            out[pos : pos + len(pt)] = pt
-            pos += len(pt)
+            pos += n
         return pos
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
@@ -82,9 +82,9 @@ class _PyChunkCipher:
         pos = 0
         for j in range(n):
             piece = plaintext[j * CHUNK_SIZE : (j + 1) * CHUNK_SIZE]
-            ct = aead.encrypt(chunk_nonce(self._base_nonce, first_index + j), piece, None)
-            out[pos : pos + len(ct)] = ct
-            pos += len(ct)
+            size = len(piece) + TAG_SIZE
+            aead.encrypt_into(chunk_nonce(self._base_nonce, first_index + j), piece, None, out[pos : pos + size])
+            pos += size
         return pos
 
     def _live(self) -> AESGCM:
@@ -97,12 +97,56 @@ class _PyChunkCipher:
 
 
 class PythonBackend:
-    """AES-256-GCM through pyca/cryptography, one chunk at a time (holds the GIL)."""
+    """AES-256-GCM through pyca/cryptography, one chunk at a time, straight into the caller's
+    buffer (``decrypt_into``; no transient plaintext objects). Holds the GIL."""
 
     name = "python"
 
     def chunk_cipher(self, key: memoryview, base_nonce: bytes) -> ChunkCipher:
         return _PyChunkCipher(key, base_nonce)
+
+
+NATIVE_MIN_CHUNKS = 256
+"""Spans this long (4 MiB) or longer go to the native backend under ``auto``.
+
+Measured here (AMD EPYC, 2 cores): pyca/cryptography bundles OpenSSL 4, whose AES-GCM opens a
+16 KiB chunk at ~9 GB/s on one core, while the system OpenSSL 3.0 that native/ links reaches
+~5.3 GB/s per thread; native wins only when it can spread a long span over several threads
+(~10 GB/s on 2). See benchmarks/RESULTS.md."""
+
+
+class _HybridCipher:
+    """Routes each call to the backend that is faster for its length; identical bytes either way."""
+
+    def __init__(self, small: ChunkCipher, large: ChunkCipher, min_chunks: int):
+        self._small, self._large, self._min = small, large, min_chunks
+
+    def decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
+        big = -(-len(ciphertext) // CT_CHUNK_SIZE) >= self._min
+        return (self._large if big else self._small).decrypt_into(first_index, ciphertext, out)
+
+    def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
+        big = len(plaintext) // CHUNK_SIZE >= self._min
+        return (self._large if big else self._small).encrypt_into(first_index, plaintext, out, final)
+
+    def close(self) -> None:
+        self._small.close()
+        self._large.close()
+
+
+class AutoBackend:
+    """``python`` for short spans, ``native`` (multi-threaded) for long ones."""
+
+    name = "auto"
+
+    def __init__(self, native: CipherBackend, min_chunks: int = NATIVE_MIN_CHUNKS):
+        self.native, self.python, self.min_chunks = native, PythonBackend(), min_chunks
+
+    def chunk_cipher(self, key: memoryview, base_nonce: bytes) -> ChunkCipher:
+        return _HybridCipher(self.python.chunk_cipher(key, base_nonce), self.native.chunk_cipher(key, base_nonce), self.min_chunks)
+
+    def describe(self) -> str:
+        return f"auto: native for spans >= {self.min_chunks} chunks, python below"
 
 
 _BACKENDS: dict[str, CipherBackend] = {}
@@ -124,11 +168,17 @@ def get_backend(name: str | None = None) -> CipherBackend:
     if name == "python":
         backend: CipherBackend | None = PythonBackend()
     elif name in ("native", "auto"):
-        backend = native_backend()
-        if backend is None:
+        native = native_backend()
+        if native is None:
             if name == "native":
                 raise EncfsError("native backend requested but encfs._native is not built (see README: libssl-dev)")
             backend = PythonBackend()
+        elif name == "native" or os.environ.get("ENCFS_NATIVE_MIN_CHUNKS") == "0":
+            backend = native
+        elif getattr(native, "threads", 1) < 2:
+            backend = PythonBackend()
+        else:
+            backend = AutoBackend(native, int(os.environ.get("ENCFS_NATIVE_MIN_CHUNKS", NATIVE_MIN_CHUNKS)))
     else:
         raise EncfsError(f"unknown cipher backend {name!r}; expected auto, native or python")
     _BACKENDS[name] = backend

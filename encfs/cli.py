@@ -185,7 +185,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     backend = get_backend()
-    out: dict[str, Any] = {"encfs": __version__, "backend": backend.name}
+    out: dict[str, Any] = {"encfs": __version__, "backend": getattr(backend, "describe", lambda: backend.name)()}
     try:
         from ._native_backend import native_status
 

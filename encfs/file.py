@@ -23,7 +23,7 @@ from .errors import IntegrityError
 from .reader import ChunkReader
 from .writer import PayloadWriter
 
-DEFAULT_READAHEAD = 64
+DEFAULT_READAHEAD = 256
 
 
 class EncryptedReader(io.BufferedIOBase):

@@ -11,7 +11,7 @@ from .backend import CipherBackend, get_backend
 from .keys import KeyRing, new_file_key
 from .sink import Sink
 
-DEFAULT_BLOCK_CHUNKS = 64
+DEFAULT_BLOCK_CHUNKS = 256
 
 
 class PayloadWriter:

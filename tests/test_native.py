@@ -25,6 +25,8 @@ from .conftest import shared_vectors
 from encfs import _native_backend as nb
 from encfs import cobblestone as cs
 from encfs.backend import PythonBackend
+from encfs._native_backend import NativeBackend
+from encfs.cobblestone import CHUNK_SIZE
 from encfs.errors import FormatError, IntegrityError
 from encfs.securemem import SecureBuffer
 
@@ -296,8 +298,38 @@ def test_backend_selection(monkeypatch):
     from encfs import backend
 
     monkeypatch.setattr(backend, "_BACKENDS", {})
+    monkeypatch.setenv("ENCFS_THREADS", "2")
     assert backend.get_backend("native").name == "native"
+    auto = backend.get_backend("auto")
+    assert auto.name == "auto" and auto.min_chunks == backend.NATIVE_MIN_CHUNKS
+    monkeypatch.setattr(backend, "_BACKENDS", {})
+    monkeypatch.setenv("ENCFS_NATIVE_MIN_CHUNKS", "0")
     assert backend.get_backend("auto").name == "native"
+    monkeypatch.setattr(backend, "_BACKENDS", {})
+    monkeypatch.delenv("ENCFS_NATIVE_MIN_CHUNKS")
+    monkeypatch.setenv("ENCFS_THREADS", "1")
+    assert backend.get_backend("auto").name == "python", "one native thread is slower than pyca/cryptography here"
+
+
+@pytest.mark.parametrize("chunks", [3, 8, 9, 20])
+def test_auto_routes_by_length_with_identical_results(chunks):
+    from encfs.backend import AutoBackend
+
+    auto = AutoBackend(NativeBackend(threads=2, min_chunks_per_thread=1), min_chunks=8)
+    key, salt = os.urandom(32), os.urandom(24)
+    plain = os.urandom(chunks * CHUNK_SIZE - 5)
+    payload = cs.encrypt(key, plain, salt, b"ctx", backend=auto)
+    assert payload == cs.encrypt(key, plain, salt, b"ctx", backend=PythonBackend())
+    bad = bytearray(payload)
+    bad[cs.PREFIX_SIZE + 2 * cs.CT_CHUNK_SIZE + 7] ^= 1
+    keys = cs.derive(key, salt, b"ctx")
+    out = bytearray(len(plain))
+    c = auto.chunk_cipher(keys.key.view(), keys.base_nonce)
+    with pytest.raises(IntegrityError) as e:
+        c.decrypt_into(0, memoryview(bad)[cs.PREFIX_SIZE :], memoryview(out))
+    assert e.value.chunk_index == 2 and e.value.verified_bytes == 2 * CHUNK_SIZE
+    assert bytes(out[: 2 * CHUNK_SIZE]) == plain[: 2 * CHUNK_SIZE] and not any(out[2 * CHUNK_SIZE :])
+    c.close()
 
 
 def test_hot_calls_release_the_gil(tmp_path):
