@@ -1,6 +1,7 @@
 """File objects: ``EncryptedReader`` (random access, read-ahead) and ``EncryptedWriter``.
 
-Reads are served from a window of decrypted chunks. A read that continues where the last
+Reads are served from a window of decrypted chunks, held in locked memory (``SecureBuffer``:
+mlock'd, kept out of core dumps, zeroed on close). A read that continues where the last
 one ended is sequential: the window grows to ``readahead`` chunks and the next window's
 ciphertext is fetched in the background while this one decrypts. Any other read decrypts
 only the chunks it touches. A chunk-aligned ``readinto`` of whole chunks decrypts straight
@@ -15,12 +16,14 @@ tag is what tells a whole file from one truncated at a chunk boundary.
 from __future__ import annotations
 
 import io
+import operator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from . import cobblestone as cs
 from .errors import IntegrityError
 from .reader import ChunkReader
+from .securemem import SecureBuffer
 from .writer import PayloadWriter
 
 DEFAULT_READAHEAD = 256
@@ -33,7 +36,7 @@ class EncryptedReader(io.BufferedIOBase):
         self.size = reader.size
         self.readahead = max(1, readahead)
         self.loc = 0
-        self._win = bytearray()
+        self._win: SecureBuffer | bytearray = bytearray()
         self._win_start = 0
         self._win_len = 0
         self._seq_next: int | None = 0
@@ -56,6 +59,7 @@ class EncryptedReader(io.BufferedIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._check_open()
+        offset = operator.index(offset)
         if whence == io.SEEK_SET:
             loc = offset
         elif whence == io.SEEK_CUR:
@@ -155,8 +159,8 @@ class EncryptedReader(io.BufferedIOBase):
         ct = self._fetch_pipelined(first, count, sequential)
         _, pt = self._r.span(first, count)
         if len(self._win) < pt:
-            self._wipe_window()
-            self._win = bytearray(pt)
+            self._release_window()
+            self._win = SecureBuffer(pt)
         self._win_start, self._win_len = first * cs.CHUNK_SIZE, 0
         try:
             self._win_len = self._r.decrypt_into(first, ct, memoryview(self._win)[:pt])
@@ -195,8 +199,11 @@ class EncryptedReader(io.BufferedIOBase):
                 except Exception:
                     pass
 
-    def _wipe_window(self) -> None:
-        self._win[:] = bytes(len(self._win))
+    def _release_window(self) -> None:
+        """Zero the decrypted window and give its locked pages back."""
+        if isinstance(self._win, SecureBuffer):
+            self._win.release()
+        self._win = bytearray()
         self._win_len = 0
 
     def _check_open(self) -> None:
@@ -213,7 +220,7 @@ class EncryptedReader(io.BufferedIOBase):
             self._drop_prefetch()
             if self._pool:
                 self._pool.shutdown(wait=True)
-            self._wipe_window()
+            self._release_window()
             self._r.close()
         finally:
             super().close()

@@ -37,7 +37,7 @@ class EncryptedRecordDataset:
         if bad:
             raise ValueError(f"{bad[0]}: size is not a multiple of the {self.record_bytes}-byte record")
         counts = [s // self.record_bytes for s in sizes]
-        self._starts = list(np.cumsum([0] + counts[:-1]))
+        self._starts = [int(x) for x in np.cumsum([0] + counts[:-1])]
         self._len = int(sum(counts))
         self._handles: dict[int, Any] = {}
 

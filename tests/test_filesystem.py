@@ -222,6 +222,18 @@ def test_append_is_refused(enc):
         fs.open(f"{root}/a", "ab")
 
 
+def test_seek_takes_any_integer_type(enc):
+    import numpy as np
+
+    fs, root = enc
+    fs.pipe_file(f"{root}/n", b"0123456789")
+    with fs.open(f"{root}/n", "rb") as f:
+        f.seek(np.int64(4))
+        assert f.read(np.int32(3)) == b"456" and type(f.tell()) is int
+        with pytest.raises(TypeError):
+            f.seek(1.5)
+
+
 def test_exclusive_create(enc):
     fs, root = enc
     fs.pipe_file(f"{root}/a", b"x")
