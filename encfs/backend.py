@@ -23,7 +23,11 @@ class ChunkCipher(Protocol):
     def decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
         """Open chunks ``first_index..`` cut from ``ciphertext`` at 16400-byte steps (the last
         may be short) into ``out``; return plaintext bytes written. On a failed tag: zero ``out``
-        from that chunk on and raise IntegrityError(chunk_index, verified_bytes)."""
+        from that chunk on and raise IntegrityError(chunk_index, verified_bytes).
+
+        ``out`` belongs to the call until it returns: the native backend opens chunks in place
+        (a failed chunk's bytes exist there until zeroed, before the call returns), so nothing
+        may read ``out`` concurrently. The python backend opens into private scratch first."""
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         """Seal ``plaintext`` as chunks ``first_index..`` into ``out``; return bytes written.
@@ -49,9 +53,14 @@ def split_plaintext(n: int, final: bool) -> int:
 
 
 class _PyChunkCipher:
+    """Opens each chunk into a private scratch buffer and copies it to ``out`` only after its
+    tag verified (``AESGCM.decrypt_into`` writes plaintext before it checks the tag, and
+    ``out`` may be memory others can see)."""
+
     def __init__(self, key: memoryview, base_nonce: bytes):
         self._aead: AESGCM | None = AESGCM(key)
         self._base_nonce = base_nonce
+        self._scratch = bytearray(CHUNK_SIZE)
 
     def decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
         total = span_plaintext_size(len(ciphertext))
@@ -62,15 +71,18 @@ class _PyChunkCipher:
         for j, start in enumerate(range(0, len(ciphertext), CT_CHUNK_SIZE)):
             piece = ciphertext[start : start + CT_CHUNK_SIZE]
             n = len(piece) - TAG_SIZE
+            scratch = memoryview(self._scratch)[:n]
             try:
-                aead.decrypt_into(chunk_nonce(self._base_nonce, first_index + j), piece, None, out[pos : pos + n])
+                aead.decrypt_into(chunk_nonce(self._base_nonce, first_index + j), piece, None, scratch)
             except InvalidTag:
+                self._scratch[:] = bytes(CHUNK_SIZE)
                 out[pos:total] = bytes(total - pos)
                 raise IntegrityError(
                     f"chunk {first_index + j} failed authentication",
                     chunk_index=first_index + j,
                     verified_bytes=pos,
                 ) from None
+            out[pos : pos + n] = scratch
             pos += n
         return pos
 
@@ -94,6 +106,7 @@ class _PyChunkCipher:
 
     def close(self) -> None:
         self._aead = None
+        self._scratch[:] = bytes(CHUNK_SIZE)
 
 
 class PythonBackend:

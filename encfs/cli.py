@@ -21,6 +21,7 @@ from .errors import EncfsError
 from .filesystem import COPY_BLOCK, EncFileSystem
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
 from .rewrap import rewrap
+from .sink import LocalSink, open_sink
 
 
 def _keyring(args: argparse.Namespace) -> KeyRing:
@@ -55,13 +56,16 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+        if os.path.lexists(args.output) and not args.force:
+            raise EncfsError(f"{args.output} exists; use --force to overwrite a key file")
+        sink = LocalSink(args.output)
         try:
-            fd = os.open(args.output, flags, 0o600)
-        except FileExistsError:
-            raise EncfsError(f"{args.output} exists; use --force to overwrite a key file") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+            os.chmod(sink.tmp, 0o600)
+            sink.write(text.encode())
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
         print(f"wrote {'X25519 identity' if args.x25519 else 'symmetric key'} to {args.output}", file=sys.stderr)
         print(f"reference: keyfile:{os.path.abspath(args.output)}", file=sys.stderr)
     if args.x25519:
@@ -112,9 +116,15 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             if isinstance(dst_fs, LocalFileSystem):
                 enc.get_file(s, d)
                 bar.update(enc.size(s))
-            else:
-                with enc.open(s, "rb") as r, dst_fs.open(d, "wb") as w:
-                    _copy(r, w, bar)
+                continue
+            sink = open_sink(dst_fs, d)
+            try:
+                with enc.open(s, "rb") as r:
+                    _copy(r, sink, bar)
+                sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
     print(f"decrypted {len(pairs)} file(s), {total} bytes", file=sys.stderr)
     return 0
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import operator
+import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -41,6 +43,7 @@ class EncryptedReader(io.BufferedIOBase):
         self._win_len = 0
         self._seq_next: int | None = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = os.getpid()
         self._prefetch: tuple[int, int, Future[bytes]] | None = None
         self._final_ok = False
 
@@ -174,6 +177,8 @@ class EncryptedReader(io.BufferedIOBase):
     def _fetch_pipelined(self, first: int, count: int, sequential: bool) -> bytes:
         """Ciphertext of chunks ``first..+count``; when reading sequentially, start fetching
         the next run of the same length in the background before returning."""
+        if self._pool_pid != os.getpid():
+            self._pool, self._prefetch, self._pool_pid = None, None, os.getpid()
         ct = self._take_prefetch(first, count)
         nxt = min(count, self._r.chunks - first - count)
         if sequential and nxt > 0:
@@ -190,6 +195,8 @@ class EncryptedReader(io.BufferedIOBase):
         return self._r.fetch(first, count)
 
     def _drop_prefetch(self) -> None:
+        if self._pool_pid != os.getpid():
+            self._pool, self._prefetch = None, None
         if self._prefetch:
             fut = self._prefetch[2]
             self._prefetch = None
@@ -240,10 +247,14 @@ def _reopen(fs: Any, path: str, loc: int) -> EncryptedReader:
 
 class EncryptedWriter(io.BufferedIOBase):
     """Streams plaintext into an encrypted file. The destination appears only on a clean
-    ``close()``; an exception inside ``with`` (or ``discard()``) leaves nothing behind."""
+    ``close()`` (or, with ``autocommit=False``, on ``commit()``, as fsspec transactions do).
+    ``close()`` while an exception is propagating discards: fsspec's and pandas' context
+    managers call ``close()`` on the way out of a failed ``with``, and a failed write must
+    never replace the old file."""
 
-    def __init__(self, fs: Any, path: str, writer: PayloadWriter, mode: str = "wb"):
+    def __init__(self, fs: Any, path: str, writer: PayloadWriter, mode: str = "wb", autocommit: bool = True):
         self.fs, self.path, self.mode = fs, path, mode
+        self.autocommit = autocommit
         self._w = writer
         self.forced = False
 
@@ -268,19 +279,32 @@ class EncryptedWriter(io.BufferedIOBase):
     def close(self) -> None:
         if self.closed:
             return
+        if sys.exc_info()[0] is not None:
+            self.discard()
+            return
         try:
-            self._w.close()
+            self._w.finish()
+            if self.autocommit:
+                self._w.commit()
         finally:
             super().close()
             self.fs.invalidate_cache(self.path)
 
+    def commit(self) -> None:
+        """Make a file written with ``autocommit=False`` appear (after ``close()``)."""
+        if not self.closed:
+            self.close()
+        if not self.autocommit:
+            self._w.commit()
+            self.fs.invalidate_cache(self.path)
+
     def discard(self) -> None:
-        if self.closed:
-            return
+        """Throw the file away: nothing appears at the destination."""
         try:
             self._w.abort()
         finally:
-            super().close()
+            if not self.closed:
+                super().close()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

@@ -20,14 +20,24 @@ from fsspec.implementations.chained import ChainedFileSystem
 
 from . import format as fmt
 from .backend import CipherBackend, get_backend
+from .errors import FormatError
 from .file import DEFAULT_READAHEAD, EncryptedReader, EncryptedWriter
 from .keys import KeyRing
-from .keys.refs import KeySpec
+from .keys.refs import ENV_DEFAULT, KeySpec
 from .reader import ChunkReader
 from .sink import LocalSink, is_temp_name, open_sink
 from .writer import PayloadWriter
 
 COPY_BLOCK = 4 << 20
+
+
+class _EnvDefaultKey:
+    """Class-level value of ``$ENCFS_KEY``, so fsspec's instance cache (keyed by constructor
+    arguments plus ``_extra_tokenize_attributes``) never hands out an instance built for an
+    earlier value of the variable."""
+
+    def __get__(self, obj: Any, cls: Any) -> str | None:
+        return os.environ.get(ENV_DEFAULT)
 
 
 class EncFileSystem(ChainedFileSystem):
@@ -53,6 +63,8 @@ class EncFileSystem(ChainedFileSystem):
 
     protocol = "encfs"
     root_marker = ""
+    _env_default_key = _EnvDefaultKey()
+    _extra_tokenize_attributes = ("_env_default_key",)
 
     def __init__(
         self,
@@ -76,7 +88,7 @@ class EncFileSystem(ChainedFileSystem):
         self.allow_plaintext = allow_plaintext
         self.backend_name = backend
         self.readahead = readahead
-        self._header_lengths: dict[tuple[str, int], int] = {}
+        self._header_lengths: dict[tuple, int] = {}
         self._hl_lock = threading.Lock()
         self._strip_protocol = self._strip_target  # type: ignore[method-assign]
 
@@ -101,33 +113,44 @@ class EncFileSystem(ChainedFileSystem):
         return get_backend(self.backend_name)
 
     # -- sizes ---------------------------------------------------------------------------
-    def _header_length(self, path: str, ct_size: int) -> int | None:
-        """Header length of the file at ``path`` (one 32-byte read, cached); None if not encfs."""
+    @staticmethod
+    def _version(entry: dict) -> tuple:
+        """What identifies one version of a file: name, size and whatever stamp the backend gives."""
+        stamp = next((entry[k] for k in ("mtime", "ETag", "LastModified", "generation", "created") if entry.get(k) is not None), None)
+        return entry["name"], entry["size"], str(stamp)
+
+    def _header_length(self, entry: dict) -> int | None:
+        """Header length of a file (one 32-byte read, cached per file version); None if not encfs."""
         with self._hl_lock:
-            hit = self._header_lengths.get((path, ct_size))
+            hit = self._header_lengths.get(self._version(entry))
         if hit is not None:
             return hit
-        prefix = self.fs.cat_file(path, start=0, end=fmt.PREFIX_SIZE) if ct_size >= fmt.PREFIX_SIZE else b""
-        return self._remember(path, ct_size, prefix)
+        prefix = self.fs.cat_file(entry["name"], start=0, end=fmt.PREFIX_SIZE) if entry["size"] >= fmt.PREFIX_SIZE else b""
+        return self._remember(entry, prefix)
 
-    def _remember(self, path: str, ct_size: int, prefix: bytes) -> int | None:
+    def _remember(self, entry: dict, prefix: bytes) -> int | None:
         if prefix[:8] != fmt.MAGIC:
             return None
         length = fmt.parse_prefix(prefix)
         with self._hl_lock:
             if len(self._header_lengths) > 100_000:
                 self._header_lengths.clear()
-            self._header_lengths[(path, ct_size)] = length
+            self._header_lengths[self._version(entry)] = length
         return length
 
     def _plain_entries(self, entries: list[dict]) -> list[dict]:
+        """Entries with plaintext sizes. A file that cannot be sized keeps its ciphertext size
+        and says why in ``encrypted`` ("invalid: ..."); it fails only when opened."""
         files = [e for e in entries if e.get("type") == "file" and not is_temp_name(e["name"])]
-        todo = [e for e in files if (e["name"], e["size"]) not in self._header_lengths and e["size"] >= fmt.PREFIX_SIZE]
+        todo = [e for e in files if self._version(e) not in self._header_lengths and e["size"] >= fmt.PREFIX_SIZE]
         if len(todo) > 1:
             prefixes = self.fs.cat_ranges([e["name"] for e in todo], [0] * len(todo), [fmt.PREFIX_SIZE] * len(todo), on_error="return")
             for e, p in zip(todo, prefixes):
                 if isinstance(p, bytes):
-                    self._remember(e["name"], e["size"], p)
+                    try:
+                        self._remember(e, p)
+                    except FormatError:
+                        pass
         out = []
         for e in entries:
             if is_temp_name(e["name"]):
@@ -135,15 +158,18 @@ class EncFileSystem(ChainedFileSystem):
             e = dict(e)
             if e.get("type") == "file":
                 e["ciphertext_size"] = e["size"]
-                e["size"], e["encrypted"] = self._plain_size(e["name"], e["size"])
+                try:
+                    e["size"], e["encrypted"] = self._plain_size(e)
+                except FormatError as err:
+                    e["encrypted"] = f"invalid: {err}"
             out.append(e)
         return out
 
-    def _plain_size(self, path: str, ct_size: int) -> tuple[int, bool]:
-        hl = self._header_length(path, ct_size)
+    def _plain_size(self, entry: dict) -> tuple[int, bool]:
+        hl = self._header_length(entry)
         if hl is None:
-            return ct_size, False
-        return fmt.plaintext_size(ct_size, hl), True
+            return entry["size"], False
+        return fmt.plaintext_size(entry["size"], hl), True
 
     # -- listing -------------------------------------------------------------------------
     def ls(self, path: str, detail: bool = True, **kwargs: Any):
@@ -200,14 +226,18 @@ class EncFileSystem(ChainedFileSystem):
     def open_reader(self, path: str, ct_size: int | None = None) -> ChunkReader | io.IOBase:
         """The chunk reader of ``path`` (or a raw target file, for plaintext passthrough)."""
         path = self._strip_target(path)
-        raw = self.fs.open(path, "rb", cache_type="none") if not _is_local(self.fs) else self.fs.open(path, "rb")
+
+        def reopen() -> Any:
+            return self.fs.open(path, "rb") if _is_local(self.fs) else self.fs.open(path, "rb", cache_type="none")
+
+        raw = reopen()
         try:
             if ct_size is None:
                 ct_size = raw.seek(0, io.SEEK_END)
                 raw.seek(0)
             if self.allow_plaintext and not self._looks_encrypted(raw, ct_size):
                 return raw
-            return ChunkReader(raw, ct_size, self.keyring, self.backend, name=path)
+            return ChunkReader(raw, ct_size, self.keyring, self.backend, name=path, reopen=reopen)
         except BaseException:
             raw.close()
             raise
@@ -226,10 +256,8 @@ class EncFileSystem(ChainedFileSystem):
                 return reader
             return EncryptedReader(self, path, reader, readahead=kwargs.get("readahead", self.readahead))
         if mode in ("wb", "xb"):
-            if mode == "xb" and self.fs.exists(path):
-                raise FileExistsError(path)
-            sink = open_sink(self.fs, path, block_size)
-            return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend), mode)
+            sink = open_sink(self.fs, path, block_size, exclusive=mode == "xb")
+            return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend), mode, autocommit=autocommit)
         if "a" in mode:
             raise NotImplementedError(
                 "append is not supported: re-sealing the final chunk would reuse its nonce; rewrite the file instead"
@@ -290,10 +318,10 @@ class EncFileSystem(ChainedFileSystem):
             sink = LocalSink(os.path.abspath(lpath))
             try:
                 _pump(src, sink, callback)
+                sink.commit()
             except BaseException:
                 sink.abort()
                 raise
-            sink.commit()
 
     def wipe_keys(self) -> None:
         """Overwrite loaded key material now (it reloads from its references when needed)."""

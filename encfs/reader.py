@@ -5,12 +5,18 @@ checks the header MAC and the payload's key commitment, and derives the chunk ke
 that, ``fetch`` reads the ciphertext of a chunk range and ``decrypt_into`` opens it straight
 into a caller's buffer through the cipher backend. Nothing is released from a chunk whose
 tag fails.
+
+Reads are positional: ``os.pread`` where the target is a real file descriptor, else seek+read
+under a lock. A reader inherited across ``fork()`` (DataLoader workers) reopens its target on
+first use instead of sharing the parent's file offset.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import threading
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from . import cobblestone as cs
 from . import format as fmt
@@ -22,10 +28,18 @@ FIRST_READ = 4096
 
 
 class ChunkReader:
-    def __init__(self, raw: BinaryIO, ciphertext_size: int, keyring: KeyRing, backend: CipherBackend | None = None, name: str = "<file>"):
+    def __init__(
+        self,
+        raw: BinaryIO,
+        ciphertext_size: int,
+        keyring: KeyRing,
+        backend: CipherBackend | None = None,
+        name: str = "<file>",
+        reopen: Callable[[], BinaryIO] | None = None,
+    ):
         self.name = name
-        self._raw = raw
-        self._lock = threading.Lock()
+        self._reopen = reopen
+        self._attach(raw)
         self.ciphertext_size = ciphertext_size
         head = self._pread(0, min(ciphertext_size, FIRST_READ))
         self.header_length = fmt.parse_prefix(head)
@@ -47,10 +61,31 @@ class ChunkReader:
         self.chunks = cs.chunk_count(self.size)
         self._cipher = (backend or get_backend()).chunk_cipher(self._keys.key.view(), self._keys.base_nonce)
 
+    def _attach(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        try:
+            self._fd: int | None = raw.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self._fd = None
+
     def _pread(self, offset: int, n: int) -> bytes:
-        with self._lock:
-            self._raw.seek(offset)
-            data = self._raw.read(n)
+        if self._pid != os.getpid():
+            if self._reopen is None:
+                raise RuntimeError(f"{self.name}: reader inherited across fork() and cannot reopen its file")
+            self._attach(self._reopen())
+        if self._fd is not None:
+            data = os.pread(self._fd, n, offset)
+            while len(data) < n:
+                more = os.pread(self._fd, n - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        else:
+            with self._lock:
+                self._raw.seek(offset)
+                data = self._raw.read(n)
         if len(data) != n:
             raise FormatError(f"{self.name}: file shrank while reading (truncated at {offset + len(data)})")
         return data

@@ -36,11 +36,25 @@ def temp_name(path: str) -> str:
 
 
 class LocalSink:
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.tmp = temp_name(path)
+    """Temporary file beside the destination, then an atomic rename (or, for ``exclusive``,
+    a hard link that fails if the destination exists). A symlinked destination is replaced
+    at its target, and an existing file's permission bits carry over to the new one."""
+
+    def __init__(self, path: str, exclusive: bool = False):
+        self.path = os.path.realpath(path)
+        self.exclusive = exclusive
+        if exclusive and os.path.lexists(path):
+            raise FileExistsError(path)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.tmp = temp_name(self.path)
         self._f = open(self.tmp, "xb")
+        try:
+            os.chmod(self.tmp, os.stat(self.path).st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, data: bytes | memoryview) -> int:
         return self._f.write(data)
@@ -49,7 +63,13 @@ class LocalSink:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.tmp, self.path)
+        if self.exclusive:
+            try:
+                os.link(self.tmp, self.path)
+            finally:
+                os.unlink(self.tmp)
+        else:
+            os.replace(self.tmp, self.path)
         try:
             dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         except OSError:
@@ -108,9 +128,13 @@ class RenameSink:
                 self.fs.rm(self.tmp)
 
 
-def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None) -> Sink:
+def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None, exclusive: bool = False) -> Sink:
+    """An atomic sink for ``path``. ``exclusive`` refuses an existing destination: atomically
+    on local disk, by an up-front check elsewhere (object stores have no portable create-if-absent)."""
     if isinstance(fs, LocalFileSystem):
-        return LocalSink(fs._strip_protocol(path))
+        return LocalSink(fs._strip_protocol(path), exclusive)
+    if exclusive and fs.exists(path):
+        raise FileExistsError(path)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & _TRANSACTIONAL:
         return UploadSink(fs, path, block_size)

@@ -1,5 +1,8 @@
 """The payload writer: seals a plaintext stream into ``header || payload`` on a sink, with
-memory bounded by one block of chunks whatever the file size."""
+memory bounded by one block of chunks whatever the file size.
+
+Any failure poisons the writer: the sink is aborted at once and every later call raises, so
+a caller that ignores an error cannot go on to commit a file with a hole in it."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import os
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend
+from .errors import EncfsError
 from .keys import KeyRing, new_file_key
 from .sink import Sink
 
@@ -22,6 +26,8 @@ class PayloadWriter:
         self._pending = bytearray()
         self._out = bytearray(block_chunks * cs.CT_CHUNK_SIZE)
         self.plaintext_written = 0
+        self._failed: BaseException | None = None
+        self._sealed = False
         try:
             file_key = new_file_key()
             try:
@@ -39,15 +45,26 @@ class PayloadWriter:
             sink.abort()
             raise
 
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise EncfsError(f"an earlier write failed ({type(self._failed).__name__}); the file was discarded") from self._failed
+        if self._sealed:
+            raise ValueError("write after the final chunk was sealed")
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._check()
         mv = memoryview(data).cast("B")
         n = len(mv)
-        while mv:
-            take = min(len(mv), self._block - len(self._pending))
-            self._pending += mv[:take]
-            mv = mv[take:]
-            if len(self._pending) == self._block:
-                self._seal(final=False)
+        try:
+            while mv:
+                take = min(len(mv), self._block - len(self._pending))
+                self._pending += mv[:take]
+                mv = mv[take:]
+                if len(self._pending) == self._block:
+                    self._seal(final=False)
+        except BaseException as e:
+            self._fail(e)
+            raise
         self.plaintext_written += n
         return n
 
@@ -58,23 +75,46 @@ class PayloadWriter:
             raise ValueError("file too large for Cobblestone-256 (2**38 chunks)")
         n = self._cipher.encrypt_into(self._index, plain, memoryview(self._out), final)
         plain.release()
-        self._index += chunks
         self._sink.write(memoryview(self._out)[:n])
+        self._index += chunks
         self._pending[:] = bytes(len(self._pending))
         self._pending.clear()
 
-    def close(self) -> None:
-        """Seal the final chunk and commit the destination."""
+    def finish(self) -> None:
+        """Seal the final chunk; the destination appears only on ``commit()``."""
+        self._check()
         try:
             self._seal(final=True)
-            self._sink.commit()
-        except BaseException:
-            self._sink.abort()
+            self._sealed = True
+        except BaseException as e:
+            self._fail(e)
             raise
         finally:
             self._wipe()
 
+    def commit(self) -> None:
+        if self._failed is not None or not self._sealed:
+            self._check()
+            raise ValueError("commit before the final chunk was sealed")
+        try:
+            self._sink.commit()
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    def close(self) -> None:
+        """Seal the final chunk and commit the destination."""
+        self.finish()
+        self.commit()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = exc
+            self.abort()
+
     def abort(self) -> None:
+        if self._failed is None:
+            self._failed = EncfsError("discarded")
         try:
             self._sink.abort()
         finally:

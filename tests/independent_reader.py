@@ -197,6 +197,8 @@ def parse_header(data: bytes) -> Header:
     m = cur.pos
     if any(data[m + MAC_LEN:h]):
         raise FormatError("header padding is not all zero")
+    if sum(st.type == "passphrase" for st in stanzas) > 1:
+        raise FormatError("at most one passphrase stanza")
     return Header(
         context=data[0:28], file_id=data[12:28], length=h, stanzas=stanzas,
         mac_input=data[0:m], mac=data[m:m + MAC_LEN],
@@ -222,7 +224,8 @@ def _wrap_key_sym(k: bytes, hdr: Header, st: Stanza) -> bytes:
 def _wrap_key_passphrase(p: bytes, hdr: Header, st: Stanza) -> bytes:
     salt = st.params[0:16]
     memory_kib, iterations, lanes = _u32(st.params, 16), _u32(st.params, 20), _u32(st.params, 24)
-    if not (1 <= lanes <= 64 and 1 <= iterations <= 64 and 8 * lanes <= memory_kib <= 4194304):
+    if not (1 <= lanes <= 16 and 1 <= iterations <= 10 and 8 * lanes <= memory_kib <= 1048576
+            and memory_kib * iterations <= 4194304):
         raise FormatError("passphrase stanza: Argon2id parameters out of bounds")
     kdf = Argon2id(salt=salt, length=32, iterations=iterations, lanes=lanes, memory_cost=memory_kib)
     return kdf.derive(p)

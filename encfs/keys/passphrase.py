@@ -17,6 +17,10 @@ from .base import open_stanza, seal_stanza
 
 TYPE = "passphrase"
 SALT_SIZE = 16
+MAX_LANES = 16
+MAX_ITERATIONS = 10
+MAX_MEMORY_KIB = 1 << 20
+MAX_WORK_KIB = 4 << 20
 _PARAMS = struct.Struct(">16sIII")
 
 
@@ -29,12 +33,15 @@ class Argon2Params:
     lanes: int = 4
 
     def check(self) -> None:
-        if not 1 <= self.lanes <= 64:
-            raise FormatError(f"argon2 lanes {self.lanes} out of range [1, 64]")
-        if not 1 <= self.iterations <= 64:
-            raise FormatError(f"argon2 iterations {self.iterations} out of range [1, 64]")
-        if not 8 * self.lanes <= self.memory_kib <= 4 * 1024 * 1024:
-            raise FormatError(f"argon2 memory {self.memory_kib} KiB out of range [8*lanes, 4 GiB]")
+        """Bounds from docs/FORMAT.md: a hostile header must not buy unbounded memory or time."""
+        if not 1 <= self.lanes <= MAX_LANES:
+            raise FormatError(f"argon2 lanes {self.lanes} out of range [1, {MAX_LANES}]")
+        if not 1 <= self.iterations <= MAX_ITERATIONS:
+            raise FormatError(f"argon2 iterations {self.iterations} out of range [1, {MAX_ITERATIONS}]")
+        if not 8 * self.lanes <= self.memory_kib <= MAX_MEMORY_KIB:
+            raise FormatError(f"argon2 memory {self.memory_kib} KiB out of range [8*lanes, {MAX_MEMORY_KIB}]")
+        if self.memory_kib * self.iterations > MAX_WORK_KIB:
+            raise FormatError(f"argon2 memory x iterations {self.memory_kib * self.iterations} exceeds {MAX_WORK_KIB}")
 
 
 DEFAULT_PARAMS = Argon2Params()
@@ -73,4 +80,4 @@ class Passphrase:
         self._pass.wipe()
 
     def __repr__(self) -> str:
-        return f"<Passphrase from {self.source}>"
+        return f"<Passphrase #{id(self):x} from {self.source}>"

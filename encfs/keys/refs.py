@@ -15,6 +15,7 @@ import base64
 import binascii
 import getpass
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -31,6 +32,8 @@ IDENTITY_PREFIX = "encfs-x25519-identity-v1:"
 PUBLIC_PREFIX = "x25519:"
 KNOWN_STANZA_TYPES = {"key", "passphrase", "x25519"}
 ENV_DEFAULT = "ENCFS_KEY"
+_B64URL = re.compile(r"[A-Za-z0-9_-]{43}")
+_SCHEME = re.compile(r"[a-z0-9-]{1,16}")
 
 KeyObject = Union[SymmetricKey, X25519Identity, X25519Recipient, Passphrase]
 KeySpec = Union[str, KeyObject, Iterable[Union[str, KeyObject]], None]
@@ -41,12 +44,16 @@ def b64encode(raw: bytes | memoryview) -> str:
 
 
 def b64decode32(text: str, what: str) -> bytearray:
+    """Exactly 43 characters of canonical unpadded base64url, encoding 32 bytes."""
+    if len(text) != 43 or not _B64URL.fullmatch(text):
+        raise KeyReferenceError(f"{what} must be 43 characters of unpadded base64url (32 bytes)")
     try:
-        raw = bytearray(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        raw = bytearray(base64.b64decode(text + "=", altchars=b"-_", validate=True))
     except (binascii.Error, ValueError):
         raise KeyReferenceError(f"{what} is not valid base64url") from None
-    if len(raw) != 32:
-        raise KeyReferenceError(f"{what} must encode 32 bytes")
+    if len(raw) != 32 or b64encode(raw) != text:
+        raw[:] = bytes(len(raw))
+        raise KeyReferenceError(f"{what} is not canonical base64url")
     return raw
 
 
@@ -97,36 +104,31 @@ def load_reference(ref: str) -> KeyObject:
     if not isinstance(ref, str):
         raise KeyReferenceError(f"a key reference is a string, got {type(ref).__name__}")
     scheme, sep, rest = ref.partition(":")
-    if not sep or not rest:
-        raise KeyReferenceError(f"malformed key reference {_safe(ref)}: expected SCHEME:VALUE, see docs/KEYS.md")
+    if not sep or not rest or not _SCHEME.fullmatch(scheme):
+        raise KeyReferenceError("malformed key reference: expected SCHEME:VALUE (keyfile:, env:, passphrase:, x25519:), see docs/KEYS.md")
     if scheme == "keyfile":
+        if rest.startswith(("encfs-key-v1:", "encfs-x25519-identity-v1:")):
+            raise KeyReferenceError("keyfile: takes a path, and this looks like key material; never put keys in references")
         return parse_key_text(_read_text(rest, ref), ref)
     if scheme == "env":
         return parse_key_text(_env(rest, ref), ref)
     if scheme == "x25519":
-        return X25519Recipient(bytes(b64decode32(rest, ref)), ref)
+        return X25519Recipient(bytes(b64decode32(rest, "x25519: public key")), ref)
     if scheme == "passphrase":
         kind, _, arg = rest.partition(":")
         if kind == "env":
             text = _env(arg, ref)
         elif kind == "file":
-            lines = _read_text(arg, ref).splitlines()
-            text = lines[0] if lines else ""
+            text = _read_text(arg, ref).split("\n", 1)[0].removesuffix("\r")
         elif kind == "prompt" and not arg:
             text = getpass.getpass("encfs passphrase: ")
         else:
-            raise KeyReferenceError(f"malformed passphrase reference {ref!r}: use passphrase:env:NAME, passphrase:file:PATH or passphrase:prompt")
+            raise KeyReferenceError("malformed passphrase reference: use passphrase:env:NAME, passphrase:file:PATH or passphrase:prompt")
         raw = bytearray(text.encode("utf-8"))
         if not raw:
             raise KeyReferenceError(f"{ref}: empty passphrase")
         return Passphrase(SecretBytes.take(raw), ref)
-    raise KeyReferenceError(
-        f"unknown key reference scheme {scheme!r}; expected keyfile:, env:, passphrase: or x25519:"
-    )
-
-
-def _safe(ref: str) -> str:
-    return repr(ref) if len(ref) < 80 else repr(ref[:40] + "...")
+    raise KeyReferenceError(f"unknown key reference scheme {scheme!r}; expected keyfile:, env:, passphrase: or x25519:")
 
 
 def _split(spec: KeySpec) -> list[str | KeyObject]:
@@ -188,6 +190,8 @@ class KeyRing:
         unknown = [s.type for s in header.stanzas if s.type not in KNOWN_STANZA_TYPES]
         if unknown:
             raise FormatError(f"unknown recipient type(s) {sorted(set(unknown))} in header")
+        if sum(s.type == "passphrase" for s in header.stanzas) > 1:
+            raise FormatError("more than one passphrase stanza in header")
         identities = self.identities()
         present = header.labels()
         tried = []

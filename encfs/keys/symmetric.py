@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 
+from ..errors import FormatError
 from ..format import Stanza
 from ..secret import SecretBytes
 from .base import hkdf32, open_stanza, seal_stanza
@@ -43,6 +44,8 @@ class SymmetricKey:
         return stanza.type == TYPE and hmac.compare_digest(stanza.key_id, self.key_id)
 
     def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
+        if stanza.params or len(stanza.key_id) != KEY_ID_SIZE:
+            raise FormatError("malformed key stanza: 8-byte key id and empty params expected")
         return open_stanza(stanza, self._wrap_key(context), context)
 
     def wipe(self) -> None:

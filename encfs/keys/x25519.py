@@ -80,8 +80,8 @@ class X25519Identity:
         return stanza.type == TYPE and hmac.compare_digest(stanza.key_id, self.key_id)
 
     def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
-        if len(stanza.params) != 32:
-            raise FormatError("x25519 stanza needs a 32-byte ephemeral share")
+        if len(stanza.params) != 32 or len(stanza.key_id) != 8:
+            raise FormatError("malformed x25519 stanza: 8-byte key id and 32-byte ephemeral share expected")
         try:
             shared = SecretBytes(self._private().exchange(X25519PublicKey.from_public_bytes(stanza.params)))
         except ValueError:
