@@ -2,8 +2,10 @@
 
 Reads are served from a window of decrypted chunks, held in locked memory (``SecureBuffer``:
 mlock'd, kept out of core dumps, zeroed on close). A read that continues where the last
-one ended is sequential: the window grows to ``readahead`` chunks and the next window's
-ciphertext is fetched in the background while this one decrypts. Any other read decrypts
+one ended is sequential: the window grows to ``readahead`` chunks and, on remote targets,
+the next window's ciphertext is fetched in the background while this one decrypts (local
+files have the kernel's own read-ahead, and an extra thread there only competes with the
+decrypting ones: measured, benchmarks/RESULTS.md). Any other read decrypts
 only the chunks it touches. A chunk-aligned ``readinto`` of whole chunks decrypts straight
 into the caller's buffer. A read never comes back short because a chunk failed (callers
 take a short read for end of file): it raises ``IntegrityError``, whose ``verified_bytes``
@@ -15,6 +17,7 @@ tag is what tells a whole file from one truncated at a chunk boundary.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import operator
 import os
@@ -30,6 +33,28 @@ from .writer import PayloadWriter
 
 DEFAULT_READAHEAD = 256
 
+if sys.implementation.name == "cpython":
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.restype = ctypes.py_object
+    _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    _BYTES_DATA = bytes.__basicsize__ - 1
+
+    def _fresh_bytes(n: int) -> tuple[bytes, memoryview]:
+        """A new ``bytes`` of length ``n`` > 0 and a writable view of it, to fill before anyone
+        else sees it: ``read()`` decrypts straight into the object it returns (no temporary
+        plaintext copy to allocate, copy out of and wipe). ``n`` must be positive: CPython
+        hands out a shared singleton for empty bytes."""
+        if n <= 0:
+            raise ValueError("n must be positive")
+        out = _new_bytes(None, n)
+        return out, memoryview((ctypes.c_char * n).from_address(id(out) + _BYTES_DATA)).cast("B")
+
+else:  # pragma: no cover
+
+    def _fresh_bytes(n: int) -> tuple[bytearray, memoryview]:
+        buf = bytearray(n)
+        return buf, memoryview(buf)
+
 
 class EncryptedReader(io.BufferedIOBase):
     def __init__(self, fs: Any, path: str, reader: ChunkReader, readahead: int = DEFAULT_READAHEAD):
@@ -44,7 +69,8 @@ class EncryptedReader(io.BufferedIOBase):
         self._seq_next: int | None = 0
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = os.getpid()
-        self._prefetch: tuple[int, int, Future[bytes]] | None = None
+        self._prefetch: tuple[int, int, Future[memoryview]] | None = None
+        self._ct_bufs: list[bytearray] = []
         self._final_ok = False
 
     @property
@@ -83,12 +109,16 @@ class EncryptedReader(io.BufferedIOBase):
             if size != 0 and self.loc >= self.size:
                 self._verify_final()
             return b""
-        buf = bytearray(n)
+        out, view = _fresh_bytes(n)
         try:
-            got = self.readinto(buf)
-            return bytes(memoryview(buf)[:got])
+            got = self.readinto(view)
+        except BaseException:
+            view[:] = bytes(n)
+            raise
         finally:
-            buf[:] = bytes(n)
+            view.release()
+        out = out if got == n else out[:got]
+        return out if isinstance(out, bytes) else bytes(out)
 
     read1 = read
 
@@ -137,7 +167,7 @@ class EncryptedReader(io.BufferedIOBase):
             return k
         first = pos // cs.CHUNK_SIZE
         if pos % cs.CHUNK_SIZE == 0 and len(out) >= cs.CHUNK_SIZE:
-            count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first)
+            count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first, self.readahead)
             _, pt = self._r.span(first, count)
             if pt <= len(out):
                 ct = self._fetch_pipelined(first, count, sequential=pos == self._seq_next)
@@ -158,7 +188,7 @@ class EncryptedReader(io.BufferedIOBase):
         last = min((pos + want - 1) // cs.CHUNK_SIZE, self._r.chunks - 1)
         sequential = pos == self._seq_next
         count = max(last - first + 1, self.readahead if sequential else 1)
-        count = min(count, self._r.chunks - first)
+        count = min(count, self._r.chunks - first, self.readahead)
         ct = self._fetch_pipelined(first, count, sequential)
         _, pt = self._r.span(first, count)
         if len(self._win) < pt:
@@ -174,25 +204,30 @@ class EncryptedReader(io.BufferedIOBase):
                 raise
         self._seq_next = self._win_start + self._win_len
 
-    def _fetch_pipelined(self, first: int, count: int, sequential: bool) -> bytes:
+    def _fetch_pipelined(self, first: int, count: int, sequential: bool) -> memoryview:
         """Ciphertext of chunks ``first..+count``; when reading sequentially, start fetching
-        the next run of the same length in the background before returning."""
+        the next run of the same length in the background before returning. Two ciphertext
+        buffers alternate: one being decrypted, one being filled."""
         if self._pool_pid != os.getpid():
             self._pool, self._prefetch, self._pool_pid = None, None, os.getpid()
+        if not self._ct_bufs:
+            size = min(self.readahead, self._r.chunks) * cs.CT_CHUNK_SIZE
+            self._ct_bufs = [bytearray(size), bytearray(size)]
         ct = self._take_prefetch(first, count)
         nxt = min(count, self._r.chunks - first - count)
-        if sequential and nxt > 0:
+        if sequential and nxt > 0 and not self._r.local:
+            spare = self._ct_bufs[1] if ct.obj is self._ct_bufs[0] else self._ct_bufs[0]
             self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="encfs-readahead")
-            self._prefetch = (first + count, nxt, self._pool.submit(self._r.fetch, first + count, nxt))
+            self._prefetch = (first + count, nxt, self._pool.submit(self._r.fetch_into, first + count, nxt, spare))
         return ct
 
-    def _take_prefetch(self, first: int, count: int) -> bytes:
+    def _take_prefetch(self, first: int, count: int) -> memoryview:
         if self._prefetch and self._prefetch[:2] == (first, count):
             fut = self._prefetch[2]
             self._prefetch = None
             return fut.result()
         self._drop_prefetch()
-        return self._r.fetch(first, count)
+        return self._r.fetch_into(first, count, self._ct_bufs[0])
 
     def _drop_prefetch(self) -> None:
         if self._pool_pid != os.getpid():

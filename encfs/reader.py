@@ -70,6 +70,11 @@ class ChunkReader:
         except (AttributeError, OSError, io.UnsupportedOperation):
             self._fd = None
 
+    @property
+    def local(self) -> bool:
+        """True when reads are positional reads of a local file descriptor."""
+        return self._fd is not None
+
     def _pread(self, offset: int, n: int) -> bytes:
         if self._pid != os.getpid():
             if self._reopen is None:
@@ -103,6 +108,26 @@ class ChunkReader:
     def fetch(self, first: int, count: int) -> bytes:
         ct_len, _ = self.span(first, count)
         return self._pread(self.header_length + cs.chunk_offset(first), ct_len)
+
+    def fetch_into(self, first: int, count: int, buf: bytearray) -> memoryview:
+        """Like ``fetch``, into a reusable buffer (no allocation on the hot path)."""
+        ct_len, _ = self.span(first, count)
+        if len(buf) < ct_len:
+            raise ValueError("ciphertext buffer too small")
+        view = memoryview(buf)[:ct_len]
+        offset = self.header_length + cs.chunk_offset(first)
+        if self._pid == os.getpid() and self._fd is not None:
+            got = 0
+            while got < ct_len:
+                n = os.preadv(self._fd, [view[got:]], offset + got)
+                if not n:
+                    break
+                got += n
+            if got != ct_len:
+                raise FormatError(f"{self.name}: file shrank while reading (truncated at {offset + got})")
+        else:
+            view[:] = self._pread(offset, ct_len)
+        return view
 
     def decrypt_into(self, first: int, ciphertext: bytes | memoryview, out: memoryview) -> int:
         return self._cipher.decrypt_into(first, memoryview(ciphertext), out)

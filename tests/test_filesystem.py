@@ -97,8 +97,8 @@ def test_random_read_touches_only_its_chunks(random_access_file):
     fs, path, data = random_access_file
     with fs.open(path, "rb") as f:
         fetched = []
-        real = f._r.fetch
-        f._r.fetch = lambda first, count: fetched.append((first, count)) or real(first, count)
+        real = f._r.fetch_into
+        f._r.fetch_into = lambda first, count, buf: fetched.append((first, count)) or real(first, count, buf)
         f.seek(3 * cs.CHUNK_SIZE + 10)
         assert f.read(100) == data[3 * cs.CHUNK_SIZE + 10 : 3 * cs.CHUNK_SIZE + 110]
         assert fetched == [(3, 1)]
@@ -107,16 +107,23 @@ def test_random_read_touches_only_its_chunks(random_access_file):
         assert fetched[-1] == (0, 2)
 
 
-def test_sequential_reads_prefetch_ahead(enc):
+def test_sequential_reads_prefetch_ahead_on_remote_targets(enc, keyref):
     fs, root = enc
     data = _data(40 * cs.CHUNK_SIZE + 3)
-    fs.pipe_file(f"{root}/s", data)
-    with fs.open(f"{root}/s", "rb", readahead=8) as f:
-        out = b"".join(iter(lambda: f.read(5000), b""))
-        assert out == data
-    with fs.open(f"{root}/s", "rb", readahead=8) as f:
-        f.read(10)
-        assert f._prefetch is not None and f._prefetch[:2] == (8, 8)
+    remote = EncFileSystem(fs=fsspec.filesystem("memory"), key=keyref, skip_instance_cache=True)
+    for f_s, path in ((fs, f"{root}/s"), (remote, "/pf/s")):
+        f_s.pipe_file(path, data)
+        with f_s.open(path, "rb", readahead=8) as f:
+            assert b"".join(iter(lambda: f.read(5000), b"")) == data
+        with f_s.open(path, "rb", readahead=8) as f:
+            buf = bytearray(8 * cs.CHUNK_SIZE)
+            assert f.readinto(buf) == len(buf) and bytes(buf) == data[: len(buf)]
+            f.read(10)
+            if f_s is remote:
+                assert f._prefetch is not None and f._prefetch[:2] == (16, 8)
+            else:
+                assert f._prefetch is None and f._pool is None, "local files rely on kernel read-ahead"
+            assert f.read() == data[len(buf) + 10 :]
 
 
 def test_cat_ranges_and_pipe_and_text_mode(enc):
@@ -254,3 +261,19 @@ def test_readable_through_io_wrappers(enc):
     fs.pipe_file(f"{root}/lines", b"".join(b"line %d\n" % i for i in range(5000)))
     with fs.open(f"{root}/lines", "rb") as f:
         assert sum(1 for _ in io.BufferedReader(f)) == 5000
+
+
+def test_read_results_are_fresh_objects(enc):
+    """read() fills the bytes it returns in place: it must never touch shared singletons."""
+    fs, root = enc
+    data = bytes(range(256)) * 300
+    fs.pipe_file(f"{root}/b", data)
+    singles = [bytes([i]) for i in range(256)]
+    with fs.open(f"{root}/b", "rb") as f:
+        parts = [f.read(1) for _ in range(600)]
+        assert f.read(0) == b"" and len(b"") == 0
+        f.seek(len(data))
+        assert f.read() == b"" and f.read(5) == b""
+    assert b"".join(parts) == data[:600]
+    assert [bytes([i]) for i in range(256)] == singles and b"\x00" == bytes(1)
+    assert len({id(p) for p in parts}) == len(parts) or all(p == data[i : i + 1] for i, p in enumerate(parts))
