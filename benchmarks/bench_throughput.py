@@ -28,7 +28,7 @@ from pathlib import Path
 import fsspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from main_job import best_of, cpu_model  # noqa: E402
+from main_job import best_of, cpu_model, update_results  # noqa: E402
 
 from encfs import cobblestone as cs  # noqa: E402
 from encfs.backend import PythonBackend, native_backend  # noqa: E402
@@ -281,7 +281,7 @@ def write_results(path: Path, rows: Rows, ratios: list[str], args, cores: int) -
     except ImportError:
         ossl = "native backend not built"
     lines = [
-        "# Benchmark results",
+        "## Decrypt throughput",
         "",
         f"Machine: {cpu_model()}, {cores} cores. Python {sys.version.split()[0]}, cryptography {cryptography.__version__}, "
         f"{ossl}. Default backend: {get_backend().name}.",
@@ -293,16 +293,8 @@ def write_results(path: Path, rows: Rows, ratios: list[str], args, cores: int) -
     ]
     for name, gbps, note in rows.rows:
         lines.append(f"| {name} | {'' if gbps is None else f'{gbps:.2f}'} | {note} |")
-    lines += ["", "Ratios from this run:", ""] + [f"- {r}" for r in ratios] + [""]
-    existing = path.read_text() if path.exists() else ""
-    marker = "<!-- throughput -->"
-    block = marker + "\n" + "\n".join(lines) + marker
-    if marker in existing:
-        pre, _, rest = existing.partition(marker)
-        _, _, post = rest.partition(marker)
-        path.write_text(pre + block + post)
-    else:
-        path.write_text(existing + ("\n" if existing else "") + block + "\n")
+    lines += ["", "Ratios from this run:", ""] + [f"- {r}" for r in ratios]
+    update_results(path, "throughput", lines)
     print(f"wrote {path}")
 
 

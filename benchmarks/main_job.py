@@ -32,6 +32,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def update_results(path: Path, marker: str, lines: list[str]) -> None:
+    """Replace (or append) the block between two ``<!-- marker -->`` lines of RESULTS.md."""
+    tag = f"<!-- {marker} -->"
+    block = tag + "\n" + "\n".join(lines) + "\n" + tag
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if tag in text:
+        pre, _, rest = text.partition(tag)
+        _, _, post = rest.partition(tag)
+        text = pre + block + post
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 def make_dataset(plain: Path, shards: int, records_per_shard: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     w = rng.normal(size=FEATURES).astype(np.float32)
@@ -98,6 +112,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     ap.add_argument("--workdir", default="bench-data")
+    ap.add_argument("--record", action="store_true", help="write the figures to benchmarks/RESULTS.md")
     args = ap.parse_args()
 
     from encfs.backend import get_backend
@@ -131,13 +146,20 @@ def main() -> None:
     enc_train = train(enc_urls, opts, args.epochs, args.workers)
 
     mb = nbytes / 1e6
-    print(f"encfs main job: {mb:.0f} MB in {args.shards} shards, cipher backend '{get_backend().name}', "
-          f"{os.cpu_count()} cores, {cpu_model()}")
-    print(f"  encrypt (write)      : {mb / enc_time:9.1f} MB/s")
-    print(f"  sequential read      : plaintext {mb / plain_read:9.1f} MB/s | encfs {mb / enc_read:9.1f} MB/s | ratio {plain_read / enc_read:.2f}")
-    print(f"  train ({args.epochs} epochs, {args.workers} workers): plaintext {plain_train[0]:9.0f} samples/s | encfs {enc_train[0]:9.0f} samples/s | "
-          f"ratio {enc_train[0] / plain_train[0]:.2f}")
-    print(f"  accuracy after training: plaintext {plain_train[1]:.3f} | encfs {enc_train[1]:.3f} (same data, same seed)")
+    lines = [
+        f"encfs main job: {mb:.0f} MB in {args.shards} shards, cipher backend '{get_backend().name}', "
+        f"{os.cpu_count()} cores, {cpu_model()}",
+        f"  encrypt (write)      : {mb / enc_time:9.1f} MB/s",
+        f"  sequential read      : plaintext {mb / plain_read:9.1f} MB/s | encfs {mb / enc_read:9.1f} MB/s | ratio {plain_read / enc_read:.2f}",
+        f"  train ({args.epochs} epochs, {args.workers} workers): plaintext {plain_train[0]:9.0f} samples/s | encfs {enc_train[0]:9.0f} samples/s | "
+        f"ratio {enc_train[0] / plain_train[0]:.2f}",
+        f"  accuracy after training: plaintext {plain_train[1]:.3f} | encfs {enc_train[1]:.3f} (same data, same seed)",
+    ]
+    print("\n".join(lines))
+    if args.record:
+        cmd = f"python benchmarks/main_job.py --size-mib {args.size_mib} --epochs {args.epochs} --workers {args.workers} --record"
+        update_results(Path(__file__).with_name("RESULTS.md"), "main-job",
+                       ["## Main job", "", f"`{cmd}` ({time.strftime('%Y-%m-%d')}), one run:", "", "```", *lines, "```"])
     if abs(plain_train[1] - enc_train[1]) > 1e-6 or plain_train[2] != enc_train[2]:
         raise SystemExit("encrypted and plaintext training diverged: this is a bug")
 
