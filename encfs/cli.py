@@ -21,7 +21,7 @@ from .errors import EncfsError
 from .filesystem import COPY_BLOCK, EncFileSystem
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
 from .rewrap import rewrap
-from .sink import LocalSink, open_sink
+from .sink import LocalSink, fill_atomically, open_sink
 
 
 def _keyring(args: argparse.Namespace) -> KeyRing:
@@ -59,13 +59,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         if os.path.lexists(args.output) and not args.force:
             raise EncfsError(f"{args.output} exists; use --force to overwrite a key file")
         sink = LocalSink(args.output)
-        try:
+
+        def fill(sink: LocalSink) -> None:
             os.chmod(sink.tmp, 0o600)
             sink.write(text.encode())
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
+
+        fill_atomically(sink, fill)
         print(f"wrote {'X25519 identity' if args.x25519 else 'symmetric key'} to {args.output}", file=sys.stderr)
         print(f"reference: keyfile:{os.path.abspath(args.output)}", file=sys.stderr)
     if args.x25519:
@@ -117,14 +116,8 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
                 enc.get_file(s, d)
                 bar.update(enc.size(s))
                 continue
-            sink = open_sink(dst_fs, d)
-            try:
-                with enc.open(s, "rb") as r:
-                    _copy(r, sink, bar)
-                sink.commit()
-            except BaseException:
-                sink.abort()
-                raise
+            with enc.open(s, "rb") as r:
+                fill_atomically(open_sink(dst_fs, d), lambda sink: _copy(r, sink, bar))
     print(f"decrypted {len(pairs)} file(s), {total} bytes", file=sys.stderr)
     return 0
 

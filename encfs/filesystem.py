@@ -25,7 +25,7 @@ from .file import DEFAULT_READAHEAD, EncryptedReader, EncryptedWriter
 from .keys import KeyRing
 from .keys.refs import ENV_DEFAULT, KeySpec
 from .reader import ChunkReader
-from .sink import LocalSink, is_temp_name, open_sink
+from .sink import LocalSink, fill_atomically, is_temp_name, open_sink
 from .writer import PayloadWriter
 
 COPY_BLOCK = 4 << 20
@@ -315,13 +315,7 @@ class EncFileSystem(ChainedFileSystem):
             if outfile is not None:
                 _pump(src, outfile, callback)
                 return
-            sink = LocalSink(os.path.abspath(lpath))
-            try:
-                _pump(src, sink, callback)
-                sink.commit()
-            except BaseException:
-                sink.abort()
-                raise
+            fill_atomically(LocalSink(os.path.abspath(lpath)), lambda sink: _pump(src, sink, callback))
 
     def wipe_keys(self) -> None:
         """Overwrite loaded key material now (it reloads from its references when needed)."""

@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from . import format as fmt
 from .errors import EncfsError
 from .keys import KeyRing, Recipient
-from .sink import LocalSink, Sink, open_sink
+from .sink import LocalSink, Sink, fill_atomically, open_sink
 
 COPY_BLOCK = 4 << 20
 
@@ -103,16 +103,13 @@ def _rewrap_local(path: str, keyring: KeyRing, add: Sequence[Recipient], remove:
             if os.stat(path).st_ino != st.st_ino:
                 raise EncfsError(f"{path} was replaced while it was being rewrapped; run rewrap again")
             return res
-        sink = LocalSink(path)
-        try:
+        def fill(sink: Sink) -> None:
             sink.write(head)
             _copy_payload(read_at, header.length, st.st_size, sink)
             if os.fstat(fd).st_size != st.st_size or os.stat(path).st_ino != st.st_ino:
                 raise EncfsError(f"{path} changed while it was being rewrapped; nothing was changed")
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
+
+        fill_atomically(LocalSink(path), fill)
         res.in_place = False
         return res
     finally:
@@ -139,13 +136,11 @@ def rewrap(
 
         header = _read_header(read_at, size)
         head, res = _reheader(header, keyring, add, remove)
-        sink = open_sink(fs, path)
-        try:
+
+        def fill(sink: Sink) -> None:
             sink.write(head)
             _copy_payload(read_at, header.length, size, sink)
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
+
+        fill_atomically(open_sink(fs, path), fill)
     res.in_place = False
     return res

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
-from typing import Protocol
+from typing import Callable, Protocol
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
@@ -126,6 +126,16 @@ class RenameSink:
         finally:
             if self.fs.exists(self.tmp):
                 self.fs.rm(self.tmp)
+
+
+def fill_atomically(sink: Sink, fill: Callable[[Sink], None]) -> None:
+    """Run ``fill(sink)`` then commit; on any error (or interrupt) abort, so nothing appears."""
+    try:
+        fill(sink)
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None, exclusive: bool = False) -> Sink:
