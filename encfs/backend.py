@@ -53,14 +53,13 @@ def split_plaintext(n: int, final: bool) -> int:
 
 
 class _PyChunkCipher:
-    """Opens each chunk into a private scratch buffer and copies it to ``out`` only after its
-    tag verified (``AESGCM.decrypt_into`` writes plaintext before it checks the tag, and
-    ``out`` may be memory others can see)."""
+    """Opens each chunk into a private scratch buffer (one per call, so threads sharing a
+    cipher never see each other's) and copies it to ``out`` only after its tag verified
+    (``AESGCM.decrypt_into`` writes plaintext before it checks the tag)."""
 
     def __init__(self, key: memoryview, base_nonce: bytes):
         self._aead: AESGCM | None = AESGCM(key)
         self._base_nonce = base_nonce
-        self._scratch = bytearray(CHUNK_SIZE)
 
     def decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
         total = span_plaintext_size(len(ciphertext))
@@ -68,22 +67,25 @@ class _PyChunkCipher:
             raise ValueError("output buffer too small")
         aead = self._live()
         pos = 0
-        for j, start in enumerate(range(0, len(ciphertext), CT_CHUNK_SIZE)):
-            piece = ciphertext[start : start + CT_CHUNK_SIZE]
-            n = len(piece) - TAG_SIZE
-            scratch = memoryview(self._scratch)[:n]
-            try:
-                aead.decrypt_into(chunk_nonce(self._base_nonce, first_index + j), piece, None, scratch)
-            except InvalidTag:
-                self._scratch[:] = bytes(CHUNK_SIZE)
-                out[pos:total] = bytes(total - pos)
-                raise IntegrityError(
-                    f"chunk {first_index + j} failed authentication",
-                    chunk_index=first_index + j,
-                    verified_bytes=pos,
-                ) from None
-            out[pos : pos + n] = scratch
-            pos += n
+        buf = bytearray(min(CHUNK_SIZE, total))
+        try:
+            for j, start in enumerate(range(0, len(ciphertext), CT_CHUNK_SIZE)):
+                piece = ciphertext[start : start + CT_CHUNK_SIZE]
+                n = len(piece) - TAG_SIZE
+                scratch = memoryview(buf)[:n]
+                try:
+                    aead.decrypt_into(chunk_nonce(self._base_nonce, first_index + j), piece, None, scratch)
+                except InvalidTag:
+                    out[pos:total] = bytes(total - pos)
+                    raise IntegrityError(
+                        f"chunk {first_index + j} failed authentication",
+                        chunk_index=first_index + j,
+                        verified_bytes=pos,
+                    ) from None
+                out[pos : pos + n] = scratch
+                pos += n
+        finally:
+            buf[:] = bytes(len(buf))
         return pos
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
@@ -106,7 +108,6 @@ class _PyChunkCipher:
 
     def close(self) -> None:
         self._aead = None
-        self._scratch[:] = bytes(CHUNK_SIZE)
 
 
 class PythonBackend:

@@ -56,15 +56,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
-        if os.path.lexists(args.output) and not args.force:
-            raise EncfsError(f"{args.output} exists; use --force to overwrite a key file")
-        sink = LocalSink(args.output)
-
-        def fill(sink: LocalSink) -> None:
-            os.chmod(sink.tmp, 0o600)
-            sink.write(text.encode())
-
-        fill_atomically(sink, fill)
+        try:
+            sink = LocalSink(args.output, exclusive=not args.force, mode=0o600)
+            fill_atomically(sink, lambda s: s.write(text.encode()))
+        except FileExistsError:
+            raise EncfsError(f"{args.output} exists; use --force to overwrite a key file") from None
         print(f"wrote {'X25519 identity' if args.x25519 else 'symmetric key'} to {args.output}", file=sys.stderr)
         print(f"reference: keyfile:{os.path.abspath(args.output)}", file=sys.stderr)
     if args.x25519:

@@ -22,11 +22,11 @@ import io
 import operator
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from . import cobblestone as cs
-from .errors import IntegrityError
+from .errors import EncfsError, IntegrityError
 from .reader import ChunkReader
 from .securemem import SecureBuffer
 from .writer import PayloadWriter
@@ -37,6 +37,10 @@ if sys.implementation.name == "cpython":
     _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
     _new_bytes.restype = ctypes.py_object
     _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    _memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+    _memory_view.restype = ctypes.py_object
+    _memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+    _PyBUF_WRITE = 0x200
     _BYTES_DATA = bytes.__basicsize__ - 1
 
     def _fresh_bytes(n: int) -> tuple[bytes, memoryview]:
@@ -47,7 +51,7 @@ if sys.implementation.name == "cpython":
         if n <= 0:
             raise ValueError("n must be positive")
         out = _new_bytes(None, n)
-        return out, memoryview((ctypes.c_char * n).from_address(id(out) + _BYTES_DATA)).cast("B")
+        return out, _memory_view(id(out) + _BYTES_DATA, n, _PyBUF_WRITE)
 
 else:  # pragma: no cover
 
@@ -210,36 +214,45 @@ class EncryptedReader(io.BufferedIOBase):
         buffers alternate: one being decrypted, one being filled."""
         if self._pool_pid != os.getpid():
             self._pool, self._prefetch, self._pool_pid = None, None, os.getpid()
-        if not self._ct_bufs:
-            size = min(self.readahead, self._r.chunks) * cs.CT_CHUNK_SIZE
-            self._ct_bufs = [bytearray(size), bytearray(size)]
         ct = self._take_prefetch(first, count)
         nxt = min(count, self._r.chunks - first - count)
         if sequential and nxt > 0 and not self._r.local:
-            spare = self._ct_bufs[1] if ct.obj is self._ct_bufs[0] else self._ct_bufs[0]
+            spare = self._ct_buffer(1 if ct.obj is self._ct_bufs[0] else 0, nxt)
             self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="encfs-readahead")
             self._prefetch = (first + count, nxt, self._pool.submit(self._r.fetch_into, first + count, nxt, spare))
         return ct
 
+    def _ct_buffer(self, i: int, count: int) -> bytearray:
+        """Ciphertext buffer ``i`` (0 or 1), grown to hold ``count`` chunks; allocated on demand
+        (random reads need one chunk's worth; only remote sequential reads need two buffers)."""
+        while len(self._ct_bufs) <= i:
+            self._ct_bufs.append(bytearray())
+        need = count * cs.CT_CHUNK_SIZE
+        if len(self._ct_bufs[i]) < need:
+            self._ct_bufs[i] = bytearray(need)
+        return self._ct_bufs[i]
+
     def _take_prefetch(self, first: int, count: int) -> memoryview:
         if self._prefetch and self._prefetch[:2] == (first, count):
             fut = self._prefetch[2]
+            try:
+                result = fut.result()
+            except Exception:
+                self._prefetch = None
+                raise
             self._prefetch = None
-            return fut.result()
+            return result
         self._drop_prefetch()
-        return self._r.fetch_into(first, count, self._ct_bufs[0])
+        return self._r.fetch_into(first, count, self._ct_buffer(0, count))
 
     def _drop_prefetch(self) -> None:
         if self._pool_pid != os.getpid():
             self._pool, self._prefetch = None, None
         if self._prefetch:
             fut = self._prefetch[2]
-            self._prefetch = None
             if not fut.cancel():
-                try:
-                    fut.result()
-                except Exception:
-                    pass
+                wait([fut])
+            self._prefetch = None
 
     def _release_window(self) -> None:
         """Zero the decrypted window and give its locked pages back."""
@@ -283,15 +296,20 @@ def _reopen(fs: Any, path: str, loc: int) -> EncryptedReader:
 class EncryptedWriter(io.BufferedIOBase):
     """Streams plaintext into an encrypted file. The destination appears only on a clean
     ``close()`` (or, with ``autocommit=False``, on ``commit()``, as fsspec transactions do).
-    ``close()`` while an exception is propagating discards: fsspec's and pandas' context
-    managers call ``close()`` on the way out of a failed ``with``, and a failed write must
-    never replace the old file."""
+
+    ``close()`` discards the file when an exception raised *after this file was opened* is
+    current: fsspec's and pandas' context managers call ``close()`` on the way out of a failed
+    ``with``, and a failed write must never replace the old file. An exception that was
+    already being handled when the file was opened (writing inside ``except``/``finally``)
+    does not count. Call ``discard()`` to throw a file away explicitly."""
 
     def __init__(self, fs: Any, path: str, writer: PayloadWriter, mode: str = "wb", autocommit: bool = True):
         self.fs, self.path, self.mode = fs, path, mode
         self.autocommit = autocommit
         self._w = writer
         self.forced = False
+        self._exc_at_open = sys.exc_info()[1]
+        self.discarded = False
 
     @property
     def header(self):
@@ -314,7 +332,8 @@ class EncryptedWriter(io.BufferedIOBase):
     def close(self) -> None:
         if self.closed:
             return
-        if sys.exc_info()[0] is not None:
+        current = sys.exc_info()[1]
+        if current is not None and current is not self._exc_at_open:
             self.discard()
             return
         try:
@@ -329,12 +348,15 @@ class EncryptedWriter(io.BufferedIOBase):
         """Make a file written with ``autocommit=False`` appear (after ``close()``)."""
         if not self.closed:
             self.close()
+        if self.discarded:
+            raise EncfsError(f"{self.path}: cannot commit, the file was discarded (its write failed or was abandoned)")
         if not self.autocommit:
             self._w.commit()
             self.fs.invalidate_cache(self.path)
 
     def discard(self) -> None:
         """Throw the file away: nothing appears at the destination."""
+        self.discarded = True
         try:
             self._w.abort()
         finally:

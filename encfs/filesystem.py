@@ -149,7 +149,7 @@ class EncFileSystem(ChainedFileSystem):
                 if isinstance(p, bytes):
                     try:
                         self._remember(e, p)
-                    except FormatError:
+                    except (FormatError, OSError):
                         pass
         out = []
         for e in entries:
@@ -160,7 +160,7 @@ class EncFileSystem(ChainedFileSystem):
                 e["ciphertext_size"] = e["size"]
                 try:
                     e["size"], e["encrypted"] = self._plain_size(e)
-                except FormatError as err:
+                except (FormatError, OSError) as err:
                     e["encrypted"] = f"invalid: {err}"
             out.append(e)
         return out

@@ -87,21 +87,36 @@ def _pread_exact(fd: int, offset: int, n: int) -> bytes:
     return data
 
 
+def _write_header_in_place(path: str, ino: int, head: bytes) -> bool:
+    """One positional write of the new header at offset 0, then fsync; False if the file
+    cannot be opened for writing (the caller falls back to rewriting it)."""
+    try:
+        wfd = os.open(path, os.O_WRONLY)
+    except PermissionError:
+        return False
+    try:
+        if os.fstat(wfd).st_ino != ino:
+            raise EncfsError(f"{path} was replaced while it was being rewrapped; run rewrap again")
+        view, pos = memoryview(head), 0
+        while pos < len(view):
+            pos += os.pwrite(wfd, view[pos:], pos)
+        os.fsync(wfd)
+    finally:
+        os.close(wfd)
+    if os.stat(path).st_ino != ino:
+        raise EncfsError(f"{path} was replaced while it was being rewrapped; run rewrap again")
+    return True
+
+
 def _rewrap_local(path: str, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str], in_place: bool) -> RewrapResult:
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         st = os.fstat(fd)
         read_at = lambda off, n: _pread_exact(fd, off, n)  # noqa: E731
         header = _read_header(read_at, st.st_size)
         head, res = _reheader(header, keyring, add, remove)
-        if in_place and res.in_place:
-            view, pos = memoryview(head), 0
-            while pos < len(view):
-                pos += os.pwrite(fd, view[pos:], pos)
-            os.fsync(fd)
-            if os.stat(path).st_ino != st.st_ino:
-                raise EncfsError(f"{path} was replaced while it was being rewrapped; run rewrap again")
+        if in_place and res.in_place and _write_header_in_place(path, st.st_ino, head):
             return res
         def fill(sink: Sink) -> None:
             sink.write(head)

@@ -35,39 +35,53 @@ def temp_name(path: str) -> str:
     return posixpath.join(parent, f".{name}{TEMP_MARK}{secrets.token_hex(6)}")
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 class LocalSink:
     """Temporary file beside the destination, then an atomic rename (or, for ``exclusive``,
-    a hard link that fails if the destination exists). A symlinked destination is replaced
-    at its target, and an existing file's permission bits carry over to the new one."""
+    a hard link that fails if the destination exists).
 
-    def __init__(self, path: str, exclusive: bool = False):
-        self.path = os.path.realpath(path)
+    The temporary file is created private (0600); at commit it takes ``mode``, else an
+    existing destination's permission bits, else the umask default. A destination that is a
+    symlink owned by the current user is written at its target; anyone else's symlink is
+    replaced, never followed (a planted link must not redirect a write)."""
+
+    def __init__(self, path: str, exclusive: bool = False, mode: int | None = None):
+        if os.path.islink(path) and os.lstat(path).st_uid == os.getuid():
+            path = os.path.realpath(path)
+        self.path = os.path.abspath(path)
         self.exclusive = exclusive
-        if exclusive and os.path.lexists(path):
-            raise FileExistsError(path)
+        if exclusive and os.path.lexists(self.path):
+            raise FileExistsError(self.path)
+        if mode is None:
+            try:
+                mode = os.stat(self.path, follow_symlinks=False).st_mode & 0o7777
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()
+        self.mode = mode
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self.tmp = temp_name(self.path)
-        self._f = open(self.tmp, "xb")
-        try:
-            os.chmod(self.tmp, os.stat(self.path).st_mode & 0o7777)
-        except FileNotFoundError:
-            pass
-        except BaseException:
-            self.abort()
-            raise
+        self._f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
     def write(self, data: bytes | memoryview) -> int:
         return self._f.write(data)
 
     def commit(self) -> None:
         self._f.flush()
+        os.fchmod(self._f.fileno(), self.mode)
         os.fsync(self._f.fileno())
         self._f.close()
         if self.exclusive:
-            try:
-                os.link(self.tmp, self.path)
-            finally:
-                os.unlink(self.tmp)
+            self._link_exclusive()
         else:
             os.replace(self.tmp, self.path)
         try:
@@ -78,6 +92,22 @@ class LocalSink:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    def _link_exclusive(self) -> None:
+        """Publish only if the destination is still absent: ``link`` fails if it exists. Where
+        the filesystem has no hard links, fall back to a check then rename (not race-free)."""
+        try:
+            os.link(self.tmp, self.path)
+        except FileExistsError:
+            os.unlink(self.tmp)
+            raise
+        except OSError:
+            if os.path.lexists(self.path):
+                os.unlink(self.tmp)
+                raise FileExistsError(self.path) from None
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
 
     def abort(self) -> None:
         self._f.close()

@@ -18,6 +18,10 @@ from .sink import Sink
 DEFAULT_BLOCK_CHUNKS = 256
 
 
+class _Discarded(EncfsError):
+    """Marks a writer thrown away on purpose (not a failed write)."""
+
+
 class PayloadWriter:
     def __init__(self, sink: Sink, keyring: KeyRing, backend: CipherBackend | None = None, block_chunks: int = DEFAULT_BLOCK_CHUNKS):
         self._sink = sink
@@ -46,6 +50,8 @@ class PayloadWriter:
             raise
 
     def _check(self) -> None:
+        if isinstance(self._failed, _Discarded):
+            raise EncfsError("the file was discarded; nothing was written to the destination")
         if self._failed is not None:
             raise EncfsError(f"an earlier write failed ({type(self._failed).__name__}); the file was discarded") from self._failed
         if self._sealed:
@@ -114,7 +120,7 @@ class PayloadWriter:
 
     def abort(self) -> None:
         if self._failed is None:
-            self._failed = EncfsError("discarded")
+            self._failed = _Discarded()
         try:
             self._sink.abort()
         finally:

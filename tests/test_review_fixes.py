@@ -141,13 +141,29 @@ def test_argon2_bounds_are_tight(m, t, p):
     Argon2Params(1 << 20, 4, 16).check()
 
 
-def test_two_passphrase_stanzas_are_refused(tmp_path, monkeypatch):
+def test_two_passphrase_stanzas_are_refused(tmp_path, monkeypatch, keyref):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from encfs.rewrap import rewrap
+
     monkeypatch.setenv("P1", "one")
     monkeypatch.setenv("P2", "two")
-    fs = EncFileSystem(key=["passphrase:env:P1", "passphrase:env:P2"], skip_instance_cache=True)
+    with pytest.raises(KeyReferenceError, match="at most one passphrase"):
+        EncFileSystem(key=["passphrase:env:P1", "passphrase:env:P2"], skip_instance_cache=True).pipe_file(f"{tmp_path}/f", b"x")
+    assert not os.path.exists(f"{tmp_path}/f")
+    fs = EncFileSystem(key=[keyref, "passphrase:env:P1"], skip_instance_cache=True)
     fs.pipe_file(f"{tmp_path}/f", b"x")
+    before = open(f"{tmp_path}/f", "rb").read()
+    with pytest.raises(FormatError, match="at most one passphrase"):
+        rewrap(LocalFileSystem(), f"{tmp_path}/f", KeyRing(keyref), add=[load_reference("passphrase:env:P2")])
+    assert open(f"{tmp_path}/f", "rb").read() == before
+    h = fmt.parse(before)
+    two = [h.stanzas[1], h.stanzas[1], h.stanzas[0]]
+    enc_body = struct.pack(">H", 3) + b"".join(st.encode() for st in two)
+    head = before[:32] + enc_body + h.mac
+    open(f"{tmp_path}/g", "wb").write(head + bytes(h.length - len(head)) + before[h.length :])
     with pytest.raises(FormatError, match="more than one passphrase"):
-        fs.cat_file(f"{tmp_path}/f")
+        EncFileSystem(key=keyref, skip_instance_cache=True).cat_file(f"{tmp_path}/g")
 
 
 def test_instance_cache_separates_keys_and_environment(monkeypatch, tmp_path):
@@ -250,3 +266,142 @@ def test_wrong_passphrase_does_not_match_another_key(tmp_path, monkeypatch):
     monkeypatch.setenv("P", "wrong")
     with pytest.raises(NoMatchingKeyError):
         EncFileSystem(key="passphrase:env:P", skip_instance_cache=True).cat_file(f"{tmp_path}/f")
+
+
+# -- second review ---------------------------------------------------------------------------
+
+
+def test_writes_inside_except_and_finally_are_committed(tmp_path, keyref):
+    fs = EncFileSystem(key=keyref, skip_instance_cache=True)
+    opts = {"encfs": {"key": keyref}}
+    try:
+        raise ValueError("handled")
+    except ValueError:
+        with fs.open(f"{tmp_path}/in-except", "wb") as f:
+            f.write(b"saved in except")
+        fs.pipe_file(f"{tmp_path}/pipe-in-except", b"piped")
+        with fsspec.open(f"encfs::file://{tmp_path}/url-in-except", "wb", **opts) as f:
+            f.write(b"url")
+    try:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            with fs.open(f"{tmp_path}/in-finally", "wb") as f:
+                f.write(b"checkpoint")
+    except KeyboardInterrupt:
+        pass
+    assert fs.cat_file(f"{tmp_path}/in-except") == b"saved in except"
+    assert fs.cat_file(f"{tmp_path}/pipe-in-except") == b"piped"
+    assert fs.cat_file(f"{tmp_path}/url-in-except") == b"url"
+    assert fs.cat_file(f"{tmp_path}/in-finally") == b"checkpoint"
+
+
+def test_a_new_failure_inside_except_still_discards(tmp_path, keyref):
+    fs = EncFileSystem(key=keyref, skip_instance_cache=True)
+    with pytest.raises(RuntimeError):
+        try:
+            raise ValueError("first")
+        except ValueError:
+            with fs.open(f"{tmp_path}/f", "wb") as f:
+                f.write(b"half")
+                raise RuntimeError("second")
+    assert not fs.exists(f"{tmp_path}/f")
+    f = fs.open(f"{tmp_path}/g", "wb", autocommit=False)
+    f.discard()
+    with pytest.raises(EncfsError, match="discarded"):
+        f.commit()
+    assert not fs.exists(f"{tmp_path}/g")
+
+
+def test_threads_sharing_one_reader_get_their_own_chunks(tmp_path, keyref, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encfs import backend
+    from encfs import cobblestone as cs
+
+    monkeypatch.setattr(backend, "_BACKENDS", {})
+    monkeypatch.setenv("ENCFS_BACKEND", "python")
+    fs = EncFileSystem(key=keyref, skip_instance_cache=True)
+    data = b"".join(bytes([i]) * cs.CHUNK_SIZE for i in range(40))
+    fs.pipe_file(f"{tmp_path}/c", data)
+    reader = fs.open_reader(f"{tmp_path}/c")
+
+    def check(i: int) -> bool:
+        out = bytearray(cs.CHUNK_SIZE)
+        reader.read_into(i % 40, 1, memoryview(out))
+        return bytes(out) == bytes([i % 40]) * cs.CHUNK_SIZE
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(2000)))
+    reader.close()
+
+
+def test_temp_files_are_private_and_final_mode_follows_umask(tmp_path):
+    from encfs.sink import LocalSink
+
+    sink = LocalSink(str(tmp_path / "new"))
+    assert stat.S_IMODE(os.stat(sink.tmp).st_mode) == 0o600
+    sink.write(b"x")
+    sink.commit()
+    old = os.umask(0o027)
+    try:
+        sink = LocalSink(str(tmp_path / "new2"))
+        sink.write(b"y")
+        sink.commit()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new2").st_mode) == 0o640
+
+
+def test_keygen_never_overwrites_without_force(tmp_path):
+    from encfs.cli import main
+
+    assert main(["keygen", "-o", str(tmp_path / "k")]) == 0
+    first = (tmp_path / "k").read_text()
+    assert main(["keygen", "-o", str(tmp_path / "k")]) == 1
+    assert (tmp_path / "k").read_text() == first
+    assert main(["keygen", "-o", str(tmp_path / "k"), "--force"]) == 0
+    assert (tmp_path / "k").read_text() != first
+    assert stat.S_IMODE(os.stat(tmp_path / "k").st_mode) == 0o600
+
+
+def test_random_reads_keep_small_buffers(enc):
+    from encfs import cobblestone as cs
+
+    fs, root = enc
+    fs.pipe_file(f"{root}/r", os.urandom(300 * cs.CHUNK_SIZE))
+    with fs.open(f"{root}/r", "rb") as f:
+        for pos in (5, 90 * cs.CHUNK_SIZE + 7, 200 * cs.CHUNK_SIZE, 17):
+            f.seek(pos)
+            f.read(4096)
+        assert sum(len(b) for b in f._ct_bufs) <= 2 * cs.CT_CHUNK_SIZE
+        assert len(f._win) <= 2 * cs.CHUNK_SIZE
+
+
+def test_listing_survives_a_vanished_file(enc, monkeypatch):
+    fs, root = enc
+    fs.pipe_file(f"{root}/a", b"a")
+    fs.pipe_file(f"{root}/b", b"b")
+    real = fs.fs.cat_file
+
+    def flaky(path, start=None, end=None, **kw):
+        if path.endswith("/b"):
+            raise FileNotFoundError(path)
+        return real(path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(fs.fs, "cat_file", flaky)
+    monkeypatch.setattr(fs.fs, "cat_ranges", lambda paths, *a, **k: [FileNotFoundError(p) for p in paths])
+    fs.invalidate_cache()
+    entries = {os.path.basename(e["name"]): e for e in fs.ls(root)}
+    assert entries["a"]["encrypted"] is True and entries["b"]["encrypted"].startswith("invalid")
+
+
+def test_someone_elses_symlink_is_replaced_not_followed(enc):
+    fs, root = enc
+    victim = f"{root}/victim"
+    open(victim, "wb").write(b"do not touch")
+    os.symlink(victim, f"{root}/planted")
+    os.lchown(f"{root}/planted", 65534, 65534)
+    fs.pipe_file(f"{root}/planted", b"new")
+    assert open(victim, "rb").read() == b"do not touch"
+    assert not os.path.islink(f"{root}/planted") and fs.cat_file(f"{root}/planted") == b"new"

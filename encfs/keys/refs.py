@@ -180,6 +180,8 @@ class KeyRing:
         out = [self._load(i) for i in self._recipients]
         if not out:
             raise NoMatchingKeyError("no encryption key configured: pass key= or recipients= (or set $ENCFS_KEY)")
+        if sum(getattr(k, "type", "") == "passphrase" for k in out) > 1:
+            raise KeyReferenceError("at most one passphrase recipient per file (docs/FORMAT.md §1.2)")
         return out  # type: ignore[return-value]
 
     def identities(self) -> list[Identity]:
