@@ -18,7 +18,7 @@ from . import cobblestone as cs
 from . import format as fmt
 from .backend import get_backend
 from .errors import EncfsError
-from .filesystem import COPY_BLOCK, EncFileSystem
+from .filesystem import EncFileSystem, copy_stream
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
 from .rewrap import rewrap
 from .sink import LocalSink, fill_atomically, open_sink
@@ -39,15 +39,6 @@ def _pairs(src_fs: Any, src: str, dst: str) -> list[tuple[str, str]]:
         base = src.rstrip("/")
         return [(f, posixpath.join(dst, posixpath.relpath(f, base))) for f in sorted(src_fs.find(base))]
     return [(src, dst)]
-
-
-def _copy(reader: Any, writer: Any, bar: Any) -> None:
-    while True:
-        block = reader.read(COPY_BLOCK)
-        if not block:
-            return
-        writer.write(block)
-        bar.update(len(block))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -83,7 +74,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None)
     if args.src == "-":
         with enc.open(dst, "wb") as w, _progress(None, "encrypt", args.progress) as bar:
-            _copy(sys.stdin.buffer, w, bar)
+            copy_stream(sys.stdin.buffer, w, bar.update)
         return 0
     src_fs, src = url_to_fs(args.src)
     pairs = _pairs(src_fs, src, dst)
@@ -91,7 +82,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     with _progress(total, "encrypt", args.progress) as bar:
         for s, d in pairs:
             with src_fs.open(s, "rb") as r, enc.open(d, "wb") as w:
-                _copy(r, w, bar)
+                copy_stream(r, w, bar.update)
     print(f"encrypted {len(pairs)} file(s), {total} bytes", file=sys.stderr)
     return 0
 
@@ -101,7 +92,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     enc = EncFileSystem(fs=src_fs, key=args.key or None, identities=args.identity or None, allow_plaintext=args.allow_plaintext)
     if args.dst == "-":
         with enc.open(src, "rb") as r, _progress(r.size, "decrypt", args.progress) as bar:
-            _copy(r, sys.stdout.buffer, bar)
+            copy_stream(r, sys.stdout.buffer, bar.update)
         return 0
     dst_fs, dst = url_to_fs(args.dst)
     pairs = _pairs(enc, src, dst)
@@ -113,7 +104,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
                 bar.update(enc.size(s))
                 continue
             with enc.open(s, "rb") as r:
-                fill_atomically(open_sink(dst_fs, d), lambda sink: _copy(r, sink, bar))
+                fill_atomically(open_sink(dst_fs, d), lambda sink: copy_stream(r, sink, bar.update))
     print(f"decrypted {len(pairs)} file(s), {total} bytes", file=sys.stderr)
     return 0
 

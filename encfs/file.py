@@ -177,13 +177,11 @@ class EncryptedReader(io.BufferedIOBase):
                 ct = self._fetch_pipelined(first, count, sequential=pos == self._seq_next)
                 self._seq_next = pos + pt
                 try:
-                    got = self._r.decrypt_into(first, ct, out[:pt])
+                    return self._open_chunks(first, count, ct, out[:pt])
                 except IntegrityError as e:
                     if e.verified_bytes:
                         return e.verified_bytes
                     raise
-                self._final_ok |= first + count == self._r.chunks
-                return got
         self._fill(pos, len(out))
         return self._serve(pos, out)
 
@@ -200,20 +198,29 @@ class EncryptedReader(io.BufferedIOBase):
             self._win = SecureBuffer(pt)
         self._win_start, self._win_len = first * cs.CHUNK_SIZE, 0
         try:
-            self._win_len = self._r.decrypt_into(first, ct, memoryview(self._win)[:pt])
-            self._final_ok |= first + count == self._r.chunks
+            self._win_len = self._open_chunks(first, count, ct, memoryview(self._win)[:pt])
         except IntegrityError as e:
             self._win_len = e.verified_bytes
             if pos >= self._win_start + self._win_len:
                 raise
         self._seq_next = self._win_start + self._win_len
 
+    def _open_chunks(self, first: int, count: int, ct: memoryview, out: memoryview) -> int:
+        """Decrypt chunks ``first..+count`` into ``out``, noting when the final chunk verified."""
+        got = self._r.decrypt_into(first, ct, out)
+        self._final_ok |= first + count == self._r.chunks
+        return got
+
+    def _forget_inherited_pool(self) -> None:
+        """After fork() the read-ahead thread and its pending fetch belong to the parent."""
+        if self._pool_pid != os.getpid():
+            self._pool, self._prefetch, self._pool_pid = None, None, os.getpid()
+
     def _fetch_pipelined(self, first: int, count: int, sequential: bool) -> memoryview:
         """Ciphertext of chunks ``first..+count``; when reading sequentially, start fetching
         the next run of the same length in the background before returning. Two ciphertext
         buffers alternate: one being decrypted, one being filled."""
-        if self._pool_pid != os.getpid():
-            self._pool, self._prefetch, self._pool_pid = None, None, os.getpid()
+        self._forget_inherited_pool()
         ct = self._take_prefetch(first, count)
         nxt = min(count, self._r.chunks - first - count)
         if sequential and nxt > 0 and not self._r.local:
@@ -246,8 +253,7 @@ class EncryptedReader(io.BufferedIOBase):
         return self._r.fetch_into(first, count, self._ct_buffer(0, count))
 
     def _drop_prefetch(self) -> None:
-        if self._pool_pid != os.getpid():
-            self._pool, self._prefetch = None, None
+        self._forget_inherited_pool()
         if self._prefetch:
             fut = self._prefetch[2]
             if not fut.cancel():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -303,7 +303,7 @@ class EncFileSystem(ChainedFileSystem):
         with open(lpath, "rb") as src:
             callback.set_size(os.fstat(src.fileno()).st_size)
             with self.open(rpath, "xb" if mode == "create" else "wb") as dst:
-                _pump(src, dst, callback)
+                copy_stream(src, dst, callback.relative_update)
 
     def get_file(self, rpath: str, lpath: str, callback=DEFAULT_CALLBACK, outfile: Any = None, **kwargs: Any) -> None:
         """Decrypt ``rpath`` to local ``lpath``, atomically (never a partial plaintext file)."""
@@ -313,9 +313,9 @@ class EncFileSystem(ChainedFileSystem):
         with self.open(rpath, "rb") as src:
             callback.set_size(getattr(src, "size", None))
             if outfile is not None:
-                _pump(src, outfile, callback)
+                copy_stream(src, outfile, callback.relative_update)
                 return
-            fill_atomically(LocalSink(os.path.abspath(lpath)), lambda sink: _pump(src, sink, callback))
+            fill_atomically(LocalSink(os.path.abspath(lpath)), lambda sink: copy_stream(src, sink, callback.relative_update))
 
     def wipe_keys(self) -> None:
         """Overwrite loaded key material now (it reloads from its references when needed)."""
@@ -342,7 +342,8 @@ def _read_range(f: Any, start: int | None, end: int | None) -> bytes:
     return f.read(max(0, end - start))
 
 
-def _pump(src: Any, dst: Any, callback: Any) -> None:
+def copy_stream(src: Any, dst: Any, progress: Callable[[int], Any]) -> None:
+    """Copy ``src`` to ``dst`` through one reused buffer, zeroed afterwards (it held plaintext)."""
     buf = bytearray(COPY_BLOCK)
     mv = memoryview(buf)
     try:
@@ -351,7 +352,7 @@ def _pump(src: Any, dst: Any, callback: Any) -> None:
             if not n:
                 break
             dst.write(mv[:n])
-            callback.relative_update(n)
+            progress(n)
     finally:
         buf[:] = bytes(len(buf))
 

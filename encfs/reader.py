@@ -27,6 +27,17 @@ from .keys import KeyRing
 FIRST_READ = 4096
 
 
+def pread_exact(fd: int, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes at ``offset`` (fewer only at end of file), without moving the fd's offset."""
+    data = os.pread(fd, n, offset)
+    while len(data) < n:
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
 class ChunkReader:
     def __init__(
         self,
@@ -81,12 +92,7 @@ class ChunkReader:
                 raise RuntimeError(f"{self.name}: reader inherited across fork() and cannot reopen its file")
             self._attach(self._reopen())
         if self._fd is not None:
-            data = os.pread(self._fd, n, offset)
-            while len(data) < n:
-                more = os.pread(self._fd, n - len(data), offset + len(data))
-                if not more:
-                    break
-                data += more
+            data = pread_exact(self._fd, offset, n)
         else:
             with self._lock:
                 self._raw.seek(offset)

@@ -21,6 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from . import format as fmt
 from .errors import EncfsError
 from .keys import KeyRing, Recipient
+from .reader import pread_exact
 from .sink import LocalSink, Sink, fill_atomically, open_sink
 
 COPY_BLOCK = 4 << 20
@@ -77,16 +78,6 @@ def _copy_payload(read_at: Callable[[int, int], bytes], start: int, size: int, s
         pos += len(block)
 
 
-def _pread_exact(fd: int, offset: int, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        part = os.pread(fd, n - len(data), offset + len(data))
-        if not part:
-            break
-        data += part
-    return data
-
-
 def _write_header_in_place(path: str, ino: int, head: bytes) -> bool:
     """One positional write of the new header at offset 0, then fsync; False if the file
     cannot be opened for writing (the caller falls back to rewriting it)."""
@@ -113,7 +104,7 @@ def _rewrap_local(path: str, keyring: KeyRing, add: Sequence[Recipient], remove:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         st = os.fstat(fd)
-        read_at = lambda off, n: _pread_exact(fd, off, n)  # noqa: E731
+        read_at = lambda off, n: pread_exact(fd, off, n)  # noqa: E731
         header = _read_header(read_at, st.st_size)
         head, res = _reheader(header, keyring, add, remove)
         if in_place and res.in_place and _write_header_in_place(path, st.st_ino, head):
