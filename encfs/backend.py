@@ -15,7 +15,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .cobblestone import CHUNK_SIZE, CT_CHUNK_SIZE, TAG_SIZE, chunk_nonce, span_plaintext_size
+from .cobblestone import CHUNK_SIZE, CT_CHUNK_SIZE, TAG_SIZE, chunk_count, chunk_nonce, span_plaintext_size
 from .errors import EncfsError, IntegrityError
 
 
@@ -46,7 +46,7 @@ class CipherBackend(Protocol):
 def split_plaintext(n: int, final: bool) -> int:
     """Chunks that ``n`` plaintext bytes make; validates the whole-chunk rule."""
     if final:
-        return n // CHUNK_SIZE + 1
+        return chunk_count(n)
     if n % CHUNK_SIZE:
         raise ValueError("non-final plaintext must be whole chunks")
     return n // CHUNK_SIZE

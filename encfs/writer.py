@@ -10,7 +10,7 @@ import os
 
 from . import cobblestone as cs
 from . import format as fmt
-from .backend import CipherBackend, get_backend
+from .backend import CipherBackend, get_backend, split_plaintext
 from .errors import EncfsError
 from .keys import KeyRing, new_file_key
 from .sink import Sink
@@ -76,7 +76,7 @@ class PayloadWriter:
 
     def _seal(self, final: bool) -> None:
         plain = memoryview(self._pending)
-        chunks = len(plain) // cs.CHUNK_SIZE + (1 if final else 0)
+        chunks = split_plaintext(len(plain), final)
         if self._index + chunks > cs.MAX_CHUNKS:
             raise ValueError("file too large for Cobblestone-256 (2**38 chunks)")
         n = self._cipher.encrypt_into(self._index, plain, memoryview(self._out), final)
