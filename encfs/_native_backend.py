@@ -61,7 +61,13 @@ def _error(rc: int, what: str) -> Exception:
         return ValueError(f"{what}: input and output buffers overlap")
     if rc == lib.ENCFS_E_ARG:
         return ValueError(f"{what}: invalid argument")
+    if rc == lib.ENCFS_E_TRUNCATED:
+        return FormatError(f"{what}: file shrank while reading (truncated inside the chunk span)")
     return EncfsError(f"{what}: OpenSSL error (code {rc})")
+
+
+def _auth_error(bad: int, first_index: int) -> IntegrityError:
+    return IntegrityError(f"chunk {bad} failed authentication", chunk_index=bad, verified_bytes=(bad - first_index) * CHUNK_SIZE)
 
 
 def _writable(out: Any) -> Any:
@@ -116,11 +122,28 @@ class NativeChunkCipher:
         if rc >= 0:
             return rc
         if rc == lib.ENCFS_E_AUTH:
-            bad = failed[0]
-            raise IntegrityError(
-                f"chunk {bad} failed authentication", chunk_index=bad, verified_bytes=(bad - first_index) * CHUNK_SIZE
-            )
+            raise _auth_error(failed[0], first_index)
         raise _error(rc, "decrypt")
+
+    def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int:
+        """Read ``ct_len`` bytes of ciphertext at ``offset`` of ``fd`` (chunks ``first_index..``)
+        and open them into ``out`` (see backend.ChunkCipher): the ciphertext goes straight into
+        ``out`` and is opened in place, one cache-sized group at a time."""
+        key = self._live_key()
+        dst = _writable(out)
+        failed = ffi.new("int64_t *")
+        err = ffi.new("int *")
+        nchunks = -(-ct_len // CT_CHUNK_SIZE)
+        rc = lib.encfs_pread_decrypt_chunks(
+            fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(nchunks), failed, err
+        )
+        if rc >= 0:
+            return rc
+        if rc == lib.ENCFS_E_AUTH:
+            raise _auth_error(failed[0], first_index)
+        if rc == lib.ENCFS_E_IO:
+            raise OSError(err[0], os.strerror(err[0]))
+        raise _error(rc, "read")
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         """Seal ``plaintext`` as chunks ``first_index..`` into ``out`` (see backend.ChunkCipher)."""

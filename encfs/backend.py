@@ -29,6 +29,13 @@ class ChunkCipher(Protocol):
         (a failed chunk's bytes exist there until zeroed, before the call returns), so nothing
         may read ``out`` concurrently. The python backend opens into private scratch first."""
 
+    def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int | None:
+        """Like ``decrypt_into``, reading the ``ct_len`` ciphertext bytes at ``offset`` of the
+        file descriptor ``fd`` itself (the fd's position does not move). None: this cipher does
+        not read files for spans this long, and the caller reads the ciphertext. A file that
+        ends inside the span raises FormatError, a failed read OSError; either way ``out`` is
+        zeroed."""
+
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         """Seal ``plaintext`` as chunks ``first_index..`` into ``out``; return bytes written.
         ``final`` makes the last (short, maybe empty) piece the message's final chunk;
@@ -88,6 +95,9 @@ class _PyChunkCipher:
             buf[:] = bytes(len(buf))
         return pos
 
+    def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> None:
+        return None
+
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         n = split_plaintext(len(plaintext), final)
         if len(out) < len(plaintext) + n * TAG_SIZE:
@@ -138,6 +148,10 @@ class _HybridCipher:
     def decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
         big = -(-len(ciphertext) // CT_CHUNK_SIZE) >= self._min
         return (self._large if big else self._small).decrypt_into(first_index, ciphertext, out)
+
+    def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int | None:
+        big = -(-ct_len // CT_CHUNK_SIZE) >= self._min
+        return (self._large if big else self._small).pread_decrypt_into(fd, offset, first_index, ct_len, out)
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         big = len(plaintext) // CHUNK_SIZE >= self._min

@@ -174,10 +174,10 @@ class EncryptedReader(io.BufferedIOBase):
             count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first, self.readahead)
             _, pt = self._r.span(first, count)
             if pt <= len(out):
-                ct = self._fetch_pipelined(first, count, sequential=pos == self._seq_next)
+                sequential = pos == self._seq_next
                 self._seq_next = pos + pt
                 try:
-                    return self._open_chunks(first, count, ct, out[:pt])
+                    return self._open_chunks(first, count, out[:pt], sequential)
                 except IntegrityError as e:
                     if e.verified_bytes:
                         return e.verified_bytes
@@ -191,23 +191,26 @@ class EncryptedReader(io.BufferedIOBase):
         sequential = pos == self._seq_next
         count = max(last - first + 1, self.readahead if sequential else 1)
         count = min(count, self._r.chunks - first, self.readahead)
-        ct = self._fetch_pipelined(first, count, sequential)
         _, pt = self._r.span(first, count)
         if len(self._win) < pt:
             self._release_window()
             self._win = SecureBuffer(pt)
         self._win_start, self._win_len = first * cs.CHUNK_SIZE, 0
         try:
-            self._win_len = self._open_chunks(first, count, ct, memoryview(self._win)[:pt])
+            self._win_len = self._open_chunks(first, count, memoryview(self._win)[:pt], sequential)
         except IntegrityError as e:
             self._win_len = e.verified_bytes
             if pos >= self._win_start + self._win_len:
                 raise
         self._seq_next = self._win_start + self._win_len
 
-    def _open_chunks(self, first: int, count: int, ct: memoryview, out: memoryview) -> int:
-        """Decrypt chunks ``first..+count`` into ``out``, noting when the final chunk verified."""
-        got = self._r.decrypt_into(first, ct, out)
+    def _open_chunks(self, first: int, count: int, out: memoryview, sequential: bool) -> int:
+        """Decrypt chunks ``first..+count`` into ``out``, noting when the final chunk verified:
+        in one call that reads straight into ``out`` where the reader and backend can (local
+        files, long spans), else from ciphertext fetched (and read ahead) here."""
+        got = self._r.open_direct(first, count, out)
+        if got is None:
+            got = self._r.decrypt_into(first, self._fetch_pipelined(first, count, sequential), out)
         self._final_ok |= first + count == self._r.chunks
         return got
 

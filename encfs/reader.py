@@ -138,8 +138,24 @@ class ChunkReader:
     def decrypt_into(self, first: int, ciphertext: bytes | memoryview, out: memoryview) -> int:
         return self._cipher.decrypt_into(first, memoryview(ciphertext), out)
 
+    def open_direct(self, first: int, count: int, out: memoryview) -> int | None:
+        """Read and open chunks ``first..+count`` into ``out`` in one backend call, the
+        ciphertext going straight into ``out`` (local files, backends that do it); None when
+        this reader or backend cannot, and the caller fetches the ciphertext itself."""
+        if self._fd is None or self._pid != os.getpid():
+            return None
+        ct_len, _ = self.span(first, count)
+        offset = self.header_length + cs.chunk_offset(first)
+        try:
+            return self._cipher.pread_decrypt_into(self._fd, offset, first, ct_len, out)
+        except FormatError as e:
+            raise FormatError(f"{self.name}: {e}") from None
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.name) from None
+
     def read_into(self, first: int, count: int, out: memoryview) -> int:
-        return self.decrypt_into(first, self.fetch(first, count), out)
+        got = self.open_direct(first, count, out)
+        return self.decrypt_into(first, self.fetch(first, count), out) if got is None else got
 
     def close(self) -> None:
         self._cipher.close()

@@ -22,14 +22,25 @@
 #define ENCFS_E_RANGE (-5)  /* chunk index reaches 2^38 */
 #define ENCFS_E_CRYPTO (-6) /* OpenSSL refused an operation */
 #define ENCFS_E_OVERLAP (-8) /* input and output buffers overlap */
+#define ENCFS_E_IO (-9)      /* a read failed; *os_error holds errno */
+#define ENCFS_E_TRUNCATED (-10) /* the file ended inside the span */
 
 /* Open the chunks first_index.. cut from ct at 16400-byte steps (the last may be shorter,
  * but at least a tag) into out. Returns plaintext bytes written. On ENCFS_E_AUTH,
  * *failed_index is the lowest failing chunk index and out is zeroed from that chunk's
- * plaintext offset to the end of the span. Chunks are split across nthreads threads. */
+ * plaintext offset to the end of the span. Up to nthreads threads take part: the caller's and
+ * helpers from a pool started on first use (one per process; rebuilt in a child after fork). */
 int64_t encfs_decrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
                              const uint8_t *ct, size_t ct_len, uint8_t *out, size_t out_cap,
                              int nthreads, int64_t *failed_index);
+
+/* The same, reading the span's ciphertext (ct_len bytes at file offset `offset` of fd) with
+ * preadv straight into out (tags aside) and opening each group of chunks in place while it is
+ * in cache. On ENCFS_E_IO (*os_error = errno) or ENCFS_E_TRUNCATED all of out's span is
+ * zeroed; on ENCFS_E_AUTH, as above. fd's file offset does not move. */
+int64_t encfs_pread_decrypt_chunks(int fd, int64_t offset, const uint8_t *key, const uint8_t *base_nonce,
+                                   uint64_t first_index, size_t ct_len, uint8_t *out, size_t out_cap,
+                                   int nthreads, int64_t *failed_index, int *os_error);
 
 /* Seal pt as chunks first_index.. into out. With final != 0 the last piece (short, maybe
  * empty) is the final chunk; otherwise pt_len must be a multiple of 16384. Returns

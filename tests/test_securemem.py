@@ -427,6 +427,38 @@ _SANITIZER_DRIVER = """
                     except IntegrityError as e:
                         assert e.chunk_index == 7 + min(bad) and not any(out[min(bad) * CH:])
                         assert out[: min(bad) * CH] == pt[: min(bad) * CH]
+            import tempfile, threading
+            with tempfile.TemporaryFile() as f:
+                f.write(b"lead" + ct)
+                f.flush()
+                out = bytearray(size)
+                assert c.pread_decrypt_into(f.fileno(), 4, 7, len(ct), memoryview(out)) == size and out == pt
+                if size > 3 * CH:
+                    f.seek(4 + 30 * CT + 9)
+                    f.write(b"!")
+                    f.flush()
+                    out = bytearray(b"\\xaa" * size)
+                    try:
+                        c.pread_decrypt_into(f.fileno(), 4, 7, len(ct), memoryview(out))
+                        raise AssertionError("tamper not detected")
+                    except IntegrityError as e:
+                        assert e.chunk_index == 37 and not any(out[30 * CH:]) and out[:30 * CH] == pt[:30 * CH]
+                    f.truncate(4 + 20 * CT + 100)
+                    try:
+                        c.pread_decrypt_into(f.fileno(), 4, 7, len(ct), memoryview(out))
+                        raise AssertionError("truncation not detected")
+                    except FormatError:
+                        assert not any(out)
+            if size and threads == 4:
+                def hammer():
+                    for _ in range(5):
+                        o = bytearray(size)
+                        assert c.decrypt_into(7, memoryview(ct), memoryview(o)) == size and o == pt
+                ts = [threading.Thread(target=hammer) for _ in range(4)]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
             for bad_len in (CT + 3, 5):
                 try:
                     c.decrypt_into(0, memoryview(bytes(bad_len)), memoryview(bytearray(2 * CH)))
