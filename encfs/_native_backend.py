@@ -1,19 +1,18 @@
 """The ``native`` cipher backend: Cobblestone-256 chunk batches in C (encfs._native, cffi API
 mode, OpenSSL 3 EVP AES-256-GCM), with the GIL released and chunks spread over threads.
 
-Threads are a small native pthread fan-out per batch (contiguous runs of chunks, one
-EVP_CIPHER_CTX per thread), not Python threads each calling a GIL-released function. Both were
-measured decrypting one 256 MiB span (native/bench_native.py; AMD EPYC, 2 vCPUs, Debian 12,
-system OpenSSL 3.0.19; best of 5, two runs):
-  native pthreads:  1 thread 5.29-5.35 GB/s, 2 threads 10.26-10.58 GB/s (1.94-1.98x)
-  Python threads:   2 threads 10.47-10.60 GB/s (ThreadPoolExecutor, one sub-span each)
-  PythonBackend:    4.70-4.74 GB/s (pyca/cryptography, one chunk per call, holds the GIL)
-  openssl speed -evp aes-256-gcm -bytes 16384: 5.08 GB/s encrypt, 4.82-4.99 GB/s decrypt
-The two threading schemes tie within noise; the native one is kept because other threads stop
-early once a tag fails and the lowest-failure/zeroing rule lives in one place (C).
-Small spans are another matter on this machine: cryptography bundles OpenSSL 4.0 (VAES/AVX-512
-GCM, ~1.4 us per 16 KiB chunk) while the system libcrypto 3.0 needs ~3 us, so below ~64 chunks
-per call PythonBackend is faster (1 chunk: 2.6 us vs 5.1 us).
+Threads come from a persistent native pool (native/encfs_native.c): the caller's thread and
+pool helpers claim groups of 8 chunks until none are left. Measured decrypting one 256 MiB
+span (native/bench_native.py; AMD EPYC, 2 vCPUs, Debian 12, system OpenSSL 3.0.19):
+  native pthreads per batch:  1 thread 5.29-5.35 GB/s, 2 threads 10.26-10.58 GB/s
+  Python threads:             2 threads 10.47-10.60 GB/s (each calling the GIL-released C)
+  PythonBackend:              4.70-4.74 GB/s (pyca/cryptography, holds the GIL)
+Long spans tie; short ones decide it. Starting threads per batch cost ~30-40 us, so spans
+under 64 chunks ran on one thread; the pool wakes a sleeping helper for a few us (and one that
+spins, just after a batch, for less), and 2 threads now beat one from 16 chunks (256 KiB):
+16 chunks 9.8 vs 5.1 GB/s, 4 MiB read from a file 8.0 vs 6.9 GB/s (benchmarks/RESULTS.md).
+pyca/cryptography bundles OpenSSL 4.0 (~1.4 us per 16 KiB chunk), the system libcrypto 3.0
+needs ~3 us, so below 16 chunks PythonBackend is faster (1 chunk: 4.9 vs 3.4 GB/s).
 """
 
 from __future__ import annotations
@@ -29,10 +28,8 @@ from .secret import SecretBytes
 
 __all__ = ["NativeBackend", "NativeChunkCipher", "aes256gcm_decrypt", "aes256gcm_encrypt", "native_status"]
 
-MIN_CHUNKS_PER_THREAD = 32
-"""A thread gets at least this many chunks (512 KiB). Starting a thread costs about as much as
-opening 10 chunks here (measured: 64 chunks take 193 us on 1 thread, 145 us on 2; 16 chunks
-48 us on 1, 68 us on 2), so smaller spans run on the caller's thread alone."""
+MIN_CHUNKS_PER_THREAD = 8
+"""A thread gets at least one group (8 chunks, 128 KiB), the unit threads claim work in."""
 
 
 def default_threads() -> int:
