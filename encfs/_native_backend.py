@@ -32,8 +32,17 @@ MIN_CHUNKS_PER_THREAD = 8
 """A thread gets at least one group (8 chunks, 128 KiB), the unit threads claim work in."""
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under ``taskset`` or a container's
+    cpuset), not all the machine has: more threads than that only wait for each other."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
-    """``ENCFS_THREADS`` when set, else ``os.cpu_count()``."""
+    """``ENCFS_THREADS`` when set, else ``usable_cpus()``."""
     env = os.environ.get("ENCFS_THREADS")
     if env:
         try:
@@ -43,7 +52,7 @@ def default_threads() -> int:
         if n < 1:
             raise ValueError(f"ENCFS_THREADS must be a positive integer, got {env!r}")
         return min(n, lib.ENCFS_MAX_THREADS)
-    return min(os.cpu_count() or 1, lib.ENCFS_MAX_THREADS)
+    return min(usable_cpus(), lib.ENCFS_MAX_THREADS)
 
 
 def _error(rc: int, what: str) -> Exception:

@@ -26,6 +26,17 @@ from .keys import KeyRing
 
 FIRST_READ = 4096
 
+_reopen_lock = threading.Lock()
+
+
+def _new_reopen_lock() -> None:
+    """A child gets a fresh lock: the parent's may have been held by a thread that isn't there."""
+    global _reopen_lock
+    _reopen_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_reopen_lock)
+
 
 def pread_exact(fd: int, offset: int, n: int) -> bytes:
     """Up to ``n`` bytes at ``offset`` (fewer only at end of file), without moving the fd's offset."""
@@ -73,13 +84,22 @@ class ChunkReader:
         self._cipher = (backend or get_backend()).chunk_cipher(self._keys.key.view(), self._keys.base_nonce)
 
     def _attach(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
         try:
-            self._fd: int | None = raw.fileno()
+            fd: int | None = raw.fileno()
         except (AttributeError, OSError, io.UnsupportedOperation):
-            self._fd = None
+            fd = None
+        self._raw, self._fd, self._lock = raw, fd, threading.Lock()
+        self._pid = os.getpid()  # last: a thread that sees this pid sees the fd that goes with it
+
+    def _own_target(self) -> None:
+        """After fork(), reopen the target once (threads of the child wait for the first)."""
+        if self._pid == os.getpid():
+            return
+        if self._reopen is None:
+            raise RuntimeError(f"{self.name}: reader inherited across fork() and cannot reopen its file")
+        with _reopen_lock:
+            if self._pid != os.getpid():
+                self._attach(self._reopen())
 
     @property
     def local(self) -> bool:
@@ -87,10 +107,7 @@ class ChunkReader:
         return self._fd is not None
 
     def _pread(self, offset: int, n: int) -> bytes:
-        if self._pid != os.getpid():
-            if self._reopen is None:
-                raise RuntimeError(f"{self.name}: reader inherited across fork() and cannot reopen its file")
-            self._attach(self._reopen())
+        self._own_target()
         if self._fd is not None:
             data = pread_exact(self._fd, offset, n)
         else:
@@ -122,7 +139,8 @@ class ChunkReader:
             raise ValueError("ciphertext buffer too small")
         view = memoryview(buf)[:ct_len]
         offset = self.header_length + cs.chunk_offset(first)
-        if self._pid == os.getpid() and self._fd is not None:
+        self._own_target()
+        if self._fd is not None:
             got = 0
             while got < ct_len:
                 n = os.preadv(self._fd, [view[got:]], offset + got)
@@ -142,7 +160,8 @@ class ChunkReader:
         """Read and open chunks ``first..+count`` into ``out`` in one backend call, the
         ciphertext going straight into ``out`` (local files, backends that do it); None when
         this reader or backend cannot, and the caller fetches the ciphertext itself."""
-        if self._fd is None or self._pid != os.getpid():
+        self._own_target()
+        if self._fd is None:
             return None
         ct_len, _ = self.span(first, count)
         offset = self.header_length + cs.chunk_offset(first)

@@ -222,28 +222,34 @@ static void encrypt_group(task_t *t, EVP_CIPHER_CTX **ctx, size_t begin, size_t 
 }
 
 /* ---- the helper pool ----
- * One per process (a child after fork() builds its own; the parent's threads do not exist
- * there). One caller at a time owns it; a concurrent caller runs its task alone, so callers
- * on several Python threads still use the cores. Helpers join the current task through
- * `state` (CLOSED | helpers inside); the owner closes it after its own share and waits for
- * those inside to leave, so a helper never touches a task that has returned. */
+ * One per process: a child after fork() starts from none (a pthread_atfork handler forgets
+ * the parent's, whose threads do not exist there and whose lock may be held). One caller at a
+ * time owns it; a concurrent caller runs its task alone, so callers on several Python threads
+ * still use the cores. Helpers join the current task through `state` (CLOSED | helpers
+ * inside); the owner closes it after its own share and waits for those inside to leave, so a
+ * helper never touches a task that has returned. Waits spin briefly, then sleep. */
 
 #define POOL_CLOSED 0x40000000
-#define SPIN_NS 50000 /* an idle helper spins this long before sleeping */
+#define SPIN_NS 50000
 
 typedef struct {
-    pid_t pid;
     pthread_mutex_t mu;
-    pthread_cond_t cv;
-    unsigned gen;    /* atomic: bumped for every task */
-    int state;       /* atomic */
-    int max_helpers; /* atomic: helpers the current task accepts */
-    int nworkers;    /* threads started (owner only) */
+    pthread_cond_t cv;   /* a new task (helpers wait on it) */
+    pthread_cond_t left; /* the last helper left a closed task (the owner waits on it) */
+    unsigned gen;        /* atomic: bumped for every task */
+    int state;           /* atomic */
+    int max_helpers;     /* atomic: helpers the current task accepts */
+    int nworkers;        /* threads started (owner only) */
     task_t *task;
     char busy; /* atomic flag: a caller owns the pool */
 } pool_t;
 
 static pool_t *the_pool;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void forget_pool_in_child(void) { __atomic_store_n(&the_pool, NULL, __ATOMIC_RELAXED); }
+
+static void register_atfork(void) { pthread_atfork(NULL, NULL, forget_pool_in_child); }
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -251,28 +257,42 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void wait_for_task(pool_t *p, unsigned seen) {
+/* Spin up to SPIN_NS while done(p, arg) is false; true when it became true. */
+static int spin_until(pool_t *p, int (*done)(pool_t *, unsigned), unsigned arg) {
     uint64_t until = now_ns() + SPIN_NS;
-    for (int i = 1; __atomic_load_n(&p->gen, __ATOMIC_ACQUIRE) == seen; i++) {
+    for (int i = 1; !done(p, arg); i++) {
         cpu_relax();
-        if (i % 64 == 0 && now_ns() > until) break;
+        if (i % 64 == 0 && now_ns() > until) return 0;
     }
-    pthread_mutex_lock(&p->mu);
-    while (__atomic_load_n(&p->gen, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&p->cv, &p->mu);
-    pthread_mutex_unlock(&p->mu);
+    return 1;
+}
+
+static int gen_moved(pool_t *p, unsigned seen) { return __atomic_load_n(&p->gen, __ATOMIC_ACQUIRE) != seen; }
+
+static int helpers_left(pool_t *p, unsigned unused) {
+    (void)unused;
+    return (__atomic_load_n(&p->state, __ATOMIC_ACQUIRE) & ~POOL_CLOSED) == 0;
 }
 
 static void *helper_main(void *arg) {
     pool_t *p = arg;
     unsigned seen = __atomic_load_n(&p->gen, __ATOMIC_ACQUIRE);
     for (;;) {
-        wait_for_task(p, seen);
+        if (!spin_until(p, gen_moved, seen)) {
+            pthread_mutex_lock(&p->mu);
+            while (!gen_moved(p, seen)) pthread_cond_wait(&p->cv, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
         seen = __atomic_load_n(&p->gen, __ATOMIC_ACQUIRE);
         int s = __atomic_load_n(&p->state, __ATOMIC_ACQUIRE);
         while (!(s & POOL_CLOSED) && s < __atomic_load_n(&p->max_helpers, __ATOMIC_RELAXED)) {
             if (__atomic_compare_exchange_n(&p->state, &s, s + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
                 participate(p->task);
-                __atomic_sub_fetch(&p->state, 1, __ATOMIC_RELEASE);
+                if (__atomic_sub_fetch(&p->state, 1, __ATOMIC_RELEASE) == POOL_CLOSED) {
+                    pthread_mutex_lock(&p->mu);
+                    pthread_cond_broadcast(&p->left);
+                    pthread_mutex_unlock(&p->mu);
+                }
                 break;
             }
         }
@@ -281,21 +301,20 @@ static void *helper_main(void *arg) {
 }
 
 static pool_t *get_pool(void) {
-    pid_t pid = getpid();
     pool_t *p = __atomic_load_n(&the_pool, __ATOMIC_ACQUIRE);
-    while (p == NULL || p->pid != pid) {
-        pool_t *fresh = calloc(1, sizeof *fresh);
-        if (fresh == NULL) return NULL;
-        fresh->pid = pid;
-        fresh->state = POOL_CLOSED;
-        pthread_mutex_init(&fresh->mu, NULL);
-        pthread_cond_init(&fresh->cv, NULL);
-        /* a pool inherited across fork() is abandoned, never touched: its lock may be held */
-        if (__atomic_compare_exchange_n(&the_pool, &p, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return fresh;
-        pthread_cond_destroy(&fresh->cv);
-        pthread_mutex_destroy(&fresh->mu);
-        free(fresh);
-    }
+    if (p) return p;
+    pthread_once(&atfork_once, register_atfork);
+    pool_t *fresh = calloc(1, sizeof *fresh);
+    if (fresh == NULL) return NULL;
+    fresh->state = POOL_CLOSED;
+    pthread_mutex_init(&fresh->mu, NULL);
+    pthread_cond_init(&fresh->cv, NULL);
+    pthread_cond_init(&fresh->left, NULL);
+    if (__atomic_compare_exchange_n(&the_pool, &p, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return fresh;
+    pthread_cond_destroy(&fresh->left);
+    pthread_cond_destroy(&fresh->cv);
+    pthread_mutex_destroy(&fresh->mu);
+    free(fresh);
     return p;
 }
 
@@ -321,7 +340,7 @@ static int grow_pool(pool_t *p, int want) {
 /* Run a task on the caller's thread and up to nthreads - 1 helpers. */
 static void run_task(task_t *t, int nthreads) {
     size_t groups = (t->nchunks + GROUP_CHUNKS - 1) / GROUP_CHUNKS;
-    int helpers = nthreads > ENCFS_MAX_THREADS ? ENCFS_MAX_THREADS - 1 : nthreads - 1;
+    int helpers = nthreads < 1 ? 0 : nthreads > ENCFS_MAX_THREADS ? ENCFS_MAX_THREADS - 1 : nthreads - 1;
     if ((size_t)helpers >= groups) helpers = groups ? (int)groups - 1 : 0;
     pool_t *p = helpers > 0 ? get_pool() : NULL;
     if (p == NULL || __atomic_test_and_set(&p->busy, __ATOMIC_ACQUIRE)) {
@@ -338,7 +357,11 @@ static void run_task(task_t *t, int nthreads) {
     pthread_mutex_unlock(&p->mu);
     participate(t);
     __atomic_fetch_or(&p->state, POOL_CLOSED, __ATOMIC_ACQ_REL);
-    while (__atomic_load_n(&p->state, __ATOMIC_ACQUIRE) & ~POOL_CLOSED) cpu_relax();
+    if (!spin_until(p, helpers_left, 0)) { /* a helper is still reading or opening its group */
+        pthread_mutex_lock(&p->mu);
+        while (!helpers_left(p, 0)) pthread_cond_wait(&p->left, &p->mu);
+        pthread_mutex_unlock(&p->mu);
+    }
     p->task = NULL;
     __atomic_clear(&p->busy, __ATOMIC_RELEASE);
 }

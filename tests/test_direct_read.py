@@ -332,3 +332,18 @@ def test_local_file_truncated_while_open(local):
     # the first read-ahead span (256 chunks) reaches past the cut: all of it is zeroed, and
     # the rest of the caller's buffer is never written
     assert not any(buf[: 256 * CH]) and buf[256 * CH :] == b"\xaa" * (len(data) - 256 * CH)
+
+
+@pytest.mark.parametrize("nthreads", [0, -5, -(2**31)])
+def test_nonpositive_thread_counts_run_on_the_caller_alone(nthreads):
+    """The C entry points clamp nthreads < 1 to the caller's thread (no helpers started)."""
+    from encfs._native import ffi, lib
+
+    pt = os.urandom(256 * CH)
+    ct = seal(0, pt)
+    out = bytearray(len(pt))
+    before = len(os.listdir("/proc/self/task"))
+    failed = ffi.new("int64_t *")
+    rc = lib.encfs_decrypt_chunks(KEY, NONCE, 0, ct, len(ct), ffi.from_buffer(out), len(out), nthreads, failed)
+    assert rc == len(pt) and out == pt
+    assert len(os.listdir("/proc/self/task")) <= before
