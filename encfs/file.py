@@ -1,18 +1,19 @@
 """File objects: ``EncryptedReader`` (random access, read-ahead) and ``EncryptedWriter``.
 
 Reads are served from a window of decrypted chunks, held in locked memory (``SecureBuffer``:
-mlock'd, kept out of core dumps, zeroed on close). A read that continues where the last
-one ended is sequential: the window grows to ``readahead`` chunks and, on remote targets,
-the next window's ciphertext is fetched in the background while this one decrypts (local
-files have the kernel's own read-ahead, and an extra thread there only competes with the
-decrypting ones: measured, benchmarks/RESULTS.md). Any other read decrypts
-only the chunks it touches. A chunk-aligned ``readinto`` of whole chunks decrypts straight
-into the caller's buffer. A read never comes back short because a chunk failed (callers
-take a short read for end of file): it raises ``IntegrityError``, whose ``verified_bytes``
-says how much of a ``readinto`` buffer holds verified plaintext (the rest is zeroed), and the
-position moves past those bytes only. No read reaches end of file
-before the final chunk has verified: an empty final chunk holds no bytes to read, but its
-tag is what tells a whole file from one truncated at a chunk boundary.
+mlock'd, kept out of core dumps, zeroed on close). A read that continues where the last one
+ended is sequential: the window grows to ``readahead`` chunks and, on remote targets, the
+next window's ciphertext is fetched in the background while this one decrypts. Local files
+opened by the native backend need no ciphertext buffer at all: its threads read each group
+of chunks straight into the destination and open it there (the kernel does the read-ahead;
+an extra thread only competed with the decrypting ones: benchmarks/RESULTS.md). Any other
+read decrypts only the chunks it touches. A chunk-aligned ``readinto`` of whole chunks
+decrypts straight into the caller's buffer. A read never comes back short because a chunk
+failed (callers take a short read for end of file): it raises ``IntegrityError``, whose
+``verified_bytes`` says how much of a ``readinto`` buffer holds verified plaintext (the rest
+is zeroed), and the position moves past those bytes only. No read reaches end of file before
+the final chunk has verified: an empty final chunk holds no bytes to read, but its tag is
+what tells a whole file from one truncated at a chunk boundary.
 """
 
 from __future__ import annotations
