@@ -16,12 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-try:
-    import encfs._native  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the build
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"encfs._native is not built, and CI=true requires it: {exc}", pytrace=False)
-    pytest.skip(f"encfs._native is not built ({exc})", allow_module_level=True)
+from .conftest import require_native, seal_span, write_key
+
+require_native()
 
 from encfs import cobblestone as cs
 from encfs._native_backend import NativeBackend
@@ -29,7 +26,6 @@ from encfs.backend import PythonBackend, get_backend
 from encfs.errors import FormatError, IntegrityError
 from encfs.filesystem import EncFileSystem
 
-from .conftest import write_key
 
 CH, CT = cs.CHUNK_SIZE, cs.CT_CHUNK_SIZE
 KEY, NONCE = bytes(range(32)), bytes(range(100, 112))
@@ -37,10 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def seal(first: int, pt: bytes) -> bytes:
-    """Reference ciphertext of a final span, from the pure-Python backend."""
-    out = bytearray(len(pt) + (len(pt) // CH + 1) * cs.TAG_SIZE)
-    PythonBackend().chunk_cipher(memoryview(KEY), NONCE).encrypt_into(first, memoryview(pt), memoryview(out), True)
-    return bytes(out)
+    return bytes(seal_span(KEY, NONCE, first, pt, final=True))
 
 
 def native(threads: int = 4):

@@ -12,15 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-try:
-    import encfs._native  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the build
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"encfs._native is not built, and CI=true requires it: {exc}", pytrace=False)
-    pytest.skip(f"encfs._native is not built ({exc}); 'pip install -e .' with gcc and libssl-dev", allow_module_level=True)
+from .conftest import require_native, seal_span, shared_vectors
+
+require_native()
 
 import numpy as np
-from .conftest import shared_vectors
 
 from encfs import _native_backend as nb
 from encfs import cobblestone as cs
@@ -31,15 +27,6 @@ from encfs.errors import FormatError, IntegrityError
 from encfs.securemem import SecureBuffer
 
 CHUNK, CT_CHUNK = cs.CHUNK_SIZE, cs.CT_CHUNK_SIZE
-
-
-def seal_span(key: bytes, nonce: bytes, first: int, pt: bytes, final: bool) -> bytearray:
-    """Reference ciphertext of a span, from the pure-Python backend."""
-    n = len(pt) // CHUNK + 1 if final else len(pt) // CHUNK
-    out = bytearray(len(pt) + n * cs.TAG_SIZE)
-    c = PythonBackend().chunk_cipher(memoryview(key), nonce)
-    assert c.encrypt_into(first, memoryview(pt), memoryview(out), final) == len(out)
-    return out
 
 
 class _CountingLib:
