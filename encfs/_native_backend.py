@@ -22,7 +22,7 @@ from typing import Any
 
 from . import securemem
 from ._native import ffi, lib
-from .cobblestone import CHUNK_SIZE, CT_CHUNK_SIZE, KEY_SIZE, NONCE_SIZE, TAG_SIZE
+from .cobblestone import CHUNK_SIZE, KEY_SIZE, NONCE_SIZE, TAG_SIZE, span_chunk_count
 from .errors import EncfsError, FormatError, IntegrityError
 from .secret import SecretBytes
 
@@ -72,8 +72,16 @@ def _error(rc: int, what: str) -> Exception:
     return EncfsError(f"{what}: OpenSSL error (code {rc})")
 
 
-def _auth_error(bad: int, first_index: int) -> IntegrityError:
-    return IntegrityError(f"chunk {bad} failed authentication", chunk_index=bad, verified_bytes=(bad - first_index) * CHUNK_SIZE)
+def _opened(rc: int, first_index: int, failed: Any, os_error: Any, what: str) -> int:
+    """Plaintext bytes from a decrypt call's return code, or its exception."""
+    if rc >= 0:
+        return rc
+    if rc == lib.ENCFS_E_AUTH:
+        bad = failed[0]
+        raise IntegrityError(f"chunk {bad} failed authentication", chunk_index=bad, verified_bytes=(bad - first_index) * CHUNK_SIZE)
+    if rc == lib.ENCFS_E_IO and os_error is not None:
+        raise OSError(os_error[0], os.strerror(os_error[0]))
+    raise _error(rc, what)
 
 
 def _writable(out: Any) -> Any:
@@ -120,16 +128,11 @@ class NativeChunkCipher:
         key = self._live_key()
         ct = ffi.from_buffer("uint8_t[]", ciphertext)
         dst = _writable(out)
-        nchunks = -(-len(ct) // CT_CHUNK_SIZE)
         failed = ffi.new("int64_t *")
         rc = lib.encfs_decrypt_chunks(
-            key, self._nonce, _index(first_index), ct, len(ct), dst, len(dst), self._threads_for(nchunks), failed
+            key, self._nonce, _index(first_index), ct, len(ct), dst, len(dst), self._threads_for(span_chunk_count(len(ct))), failed
         )
-        if rc >= 0:
-            return rc
-        if rc == lib.ENCFS_E_AUTH:
-            raise _auth_error(failed[0], first_index)
-        raise _error(rc, "decrypt")
+        return _opened(rc, first_index, failed, None, "decrypt")
 
     def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int:
         """Read ``ct_len`` bytes of ciphertext at ``offset`` of ``fd`` (chunks ``first_index..``)
@@ -139,17 +142,10 @@ class NativeChunkCipher:
         dst = _writable(out)
         failed = ffi.new("int64_t *")
         err = ffi.new("int *")
-        nchunks = -(-ct_len // CT_CHUNK_SIZE)
         rc = lib.encfs_pread_decrypt_chunks(
-            fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(nchunks), failed, err
+            fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(span_chunk_count(ct_len)), failed, err
         )
-        if rc >= 0:
-            return rc
-        if rc == lib.ENCFS_E_AUTH:
-            raise _auth_error(failed[0], first_index)
-        if rc == lib.ENCFS_E_IO:
-            raise OSError(err[0], os.strerror(err[0]))
-        raise _error(rc, "read")
+        return _opened(rc, first_index, failed, err, "read")
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         """Seal ``plaintext`` as chunks ``first_index..`` into ``out`` (see backend.ChunkCipher)."""

@@ -15,7 +15,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .cobblestone import CHUNK_SIZE, CT_CHUNK_SIZE, TAG_SIZE, chunk_count, chunk_nonce, span_plaintext_size
+from .cobblestone import CHUNK_SIZE, CT_CHUNK_SIZE, TAG_SIZE, chunk_count, chunk_nonce, span_chunk_count, span_plaintext_size
 from .errors import EncfsError, IntegrityError
 
 
@@ -146,11 +146,11 @@ class _HybridCipher:
         self._small, self._large, self._min = small, large, min_chunks
 
     def decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
-        big = -(-len(ciphertext) // CT_CHUNK_SIZE) >= self._min
+        big = span_chunk_count(len(ciphertext)) >= self._min
         return (self._large if big else self._small).decrypt_into(first_index, ciphertext, out)
 
     def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int | None:
-        big = -(-ct_len // CT_CHUNK_SIZE) >= self._min
+        big = span_chunk_count(ct_len) >= self._min
         return (self._large if big else self._small).pread_decrypt_into(fd, offset, first_index, ct_len, out)
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:

@@ -93,6 +93,11 @@ def chunk_offset(index: int) -> int:
     return PREFIX_SIZE + index * CT_CHUNK_SIZE
 
 
+def span_chunk_count(ct_len: int) -> int:
+    """Chunks in a run whose ciphertext is ``ct_len`` long (the last may be short)."""
+    return -(-ct_len // CT_CHUNK_SIZE)
+
+
 def span_plaintext_size(ct_len: int) -> int:
     """Plaintext bytes in a run of chunks whose ciphertext is ``ct_len`` long (last may be short)."""
     full, last = divmod(ct_len, CT_CHUNK_SIZE)

@@ -128,17 +128,19 @@ class ChunkReader:
         ct = pt + count * cs.TAG_SIZE
         return ct, pt
 
+    def _ct_range(self, first: int, count: int) -> tuple[int, int]:
+        """(file offset, length) of the ciphertext of chunks ``first .. first+count-1``."""
+        return self.header_length + cs.chunk_offset(first), self.span(first, count)[0]
+
     def fetch(self, first: int, count: int) -> bytes:
-        ct_len, _ = self.span(first, count)
-        return self._pread(self.header_length + cs.chunk_offset(first), ct_len)
+        return self._pread(*self._ct_range(first, count))
 
     def fetch_into(self, first: int, count: int, buf: bytearray) -> memoryview:
         """Like ``fetch``, into a reusable buffer (no allocation on the hot path)."""
-        ct_len, _ = self.span(first, count)
+        offset, ct_len = self._ct_range(first, count)
         if len(buf) < ct_len:
             raise ValueError("ciphertext buffer too small")
         view = memoryview(buf)[:ct_len]
-        offset = self.header_length + cs.chunk_offset(first)
         self._own_target()
         if self._fd is not None:
             got = 0
@@ -163,8 +165,7 @@ class ChunkReader:
         self._own_target()
         if self._fd is None:
             return None
-        ct_len, _ = self.span(first, count)
-        offset = self.header_length + cs.chunk_offset(first)
+        offset, ct_len = self._ct_range(first, count)
         try:
             return self._cipher.pread_decrypt_into(self._fd, offset, first, ct_len, out)
         except FormatError as e:
