@@ -5,12 +5,12 @@
         f.write(b"...")
 """
 
-from .errors import EncfsError, FormatError, IntegrityError, KeyReferenceError, NoMatchingKeyError
+from .errors import ConfigError, EncfsError, FormatError, IntegrityError, KeyReferenceError, NoMatchingKeyError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EncFileSystem", "EncfsError", "FormatError", "IntegrityError", "KeyReferenceError",
+    "ConfigError", "EncFileSystem", "EncfsError", "FormatError", "IntegrityError", "KeyReferenceError",
     "NoMatchingKeyError", "__version__",
 ]
 

@@ -34,3 +34,7 @@ class NoMatchingKeyError(EncfsError):
 
 class KeyReferenceError(EncfsError, ValueError):
     """A key reference string is malformed, or the key it names cannot be loaded."""
+
+
+class ConfigError(EncfsError, ValueError):
+    """A setting (an ``ENCFS_*`` environment variable, an option) has a value encfs cannot use."""
