@@ -11,9 +11,12 @@ read decrypts only the chunks it touches. A chunk-aligned ``readinto`` of whole 
 decrypts straight into the caller's buffer. A read never comes back short because a chunk
 failed (callers take a short read for end of file): it raises ``IntegrityError``, whose
 ``verified_bytes`` says how much of a ``readinto`` buffer holds verified plaintext (the rest
-is zeroed), and the position moves past those bytes only. No read reaches end of file before
-the final chunk has verified: an empty final chunk holds no bytes to read, but its tag is
-what tells a whole file from one truncated at a chunk boundary.
+is zeroed), and the position moves past those bytes only. The final chunk is authenticated
+when the file is opened (``ChunkReader``), so no size or end of file is reported for a file
+truncated at a chunk boundary.
+
+One reader may be shared by threads: reads, seeks and close take the reader's lock in turn,
+as Python's own buffered files do, so no thread ever sees the window while another fills it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import io
 import operator
 import os
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -76,7 +80,14 @@ class EncryptedReader(io.BufferedIOBase):
         self._pool_pid = os.getpid()
         self._prefetch: tuple[int, int, Future[memoryview]] | None = None
         self._ct_bufs: list[bytearray] = []
-        self._final_ok = False
+        self._lock = threading.RLock()
+        self._lock_pid = os.getpid()
+
+    def _locked(self) -> threading.RLock:
+        """This reader's lock; a fresh one in a forked child (a parent thread may hold the old)."""
+        if self._lock_pid != os.getpid():
+            self._lock, self._lock_pid = threading.RLock(), os.getpid()
+        return self._lock
 
     @property
     def header(self):
@@ -92,6 +103,10 @@ class EncryptedReader(io.BufferedIOBase):
         return self.loc
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        with self._locked():
+            return self._seek(offset, whence)
+
+    def _seek(self, offset: int, whence: int) -> int:
         self._check_open()
         offset = operator.index(offset)
         if whence == io.SEEK_SET:
@@ -108,15 +123,17 @@ class EncryptedReader(io.BufferedIOBase):
         return loc
 
     def read(self, size: int | None = -1) -> bytes:
+        with self._locked():
+            return self._read(size)
+
+    def _read(self, size: int | None) -> bytes:
         self._check_open()
         n = self.size - self.loc if size is None or size < 0 else min(size, max(0, self.size - self.loc))
         if n <= 0:
-            if size != 0 and self.loc >= self.size:
-                self._verify_final()
             return b""
         out, view = _fresh_bytes(n)
         try:
-            got = self.readinto(view)
+            got = self._readinto(view)
         except BaseException:
             view[:] = bytes(n)
             raise
@@ -131,6 +148,10 @@ class EncryptedReader(io.BufferedIOBase):
         return self.read(-1)
 
     def readinto(self, b: Any) -> int:
+        with self._locked():
+            return self._readinto(b)
+
+    def _readinto(self, b: Any) -> int:
         self._check_open()
         out = memoryview(b).cast("B")
         n = min(len(out), max(0, self.size - self.loc))
@@ -138,8 +159,6 @@ class EncryptedReader(io.BufferedIOBase):
         try:
             while done < n:
                 done += self._serve(self.loc + done, out[done:n])
-            if len(out) and self.loc + done >= self.size:
-                self._verify_final()
         except IntegrityError as e:
             out[done:n] = bytes(n - done)
             e.verified_bytes = done
@@ -147,19 +166,6 @@ class EncryptedReader(io.BufferedIOBase):
         finally:
             self.loc += done
         return done
-
-    def _verify_final(self) -> None:
-        """Open the final chunk if no read has yet (it is empty when size % 16 KiB == 0)."""
-        if self._final_ok:
-            return
-        last = self._r.chunks - 1
-        _, pt = self._r.span(last, 1)
-        scratch = bytearray(pt)
-        try:
-            self._r.read_into(last, 1, memoryview(scratch))
-        finally:
-            scratch[:] = bytes(pt)
-        self._final_ok = True
 
     readinto1 = readinto
 
@@ -212,7 +218,6 @@ class EncryptedReader(io.BufferedIOBase):
         got = self._r.open_direct(first, count, out)
         if got is None:
             got = self._r.decrypt_into(first, self._fetch_pipelined(first, count, sequential), out)
-        self._final_ok |= first + count == self._r.chunks
         return got
 
     def _forget_inherited_pool(self) -> None:
@@ -279,6 +284,10 @@ class EncryptedReader(io.BufferedIOBase):
         return self.fs.info(self.path)
 
     def close(self) -> None:
+        with self._locked():
+            self._close()
+
+    def _close(self) -> None:
         if self.closed:
             return
         try:
@@ -307,18 +316,18 @@ class EncryptedWriter(io.BufferedIOBase):
     """Streams plaintext into an encrypted file. The destination appears only on a clean
     ``close()`` (or, with ``autocommit=False``, on ``commit()``, as fsspec transactions do).
 
-    ``close()`` discards the file when an exception raised *after this file was opened* is
-    current: fsspec's and pandas' context managers call ``close()`` on the way out of a failed
-    ``with``, and a failed write must never replace the old file. An exception that was
-    already being handled when the file was opened (writing inside ``except``/``finally``)
-    does not count. Call ``discard()`` to throw a file away explicitly."""
+    A failed ``with`` block that owns the file discards it, so a failed write never replaces
+    the old file: this writer's own ``with``, and the ``with`` of a wrapper holding it
+    (``fsspec.open``, a text wrapper, pandas' handles), whose ``__exit__`` closes it while an
+    exception unwinds. Every other ``close()`` commits, also inside ``except`` and ``finally``
+    blocks (an emergency checkpoint written while handling an error is kept). A write that
+    failed poisons the writer: ``close()`` then raises and nothing appears. ``discard()``
+    throws a file away explicitly."""
 
     def __init__(self, fs: Any, path: str, writer: PayloadWriter, mode: str = "wb", autocommit: bool = True):
         self.fs, self.path, self.mode = fs, path, mode
         self.autocommit = autocommit
         self._w = writer
-        self.forced = False
-        self._exc_at_open = sys.exc_info()[1]
         self.discarded = False
 
     @property
@@ -342,8 +351,7 @@ class EncryptedWriter(io.BufferedIOBase):
     def close(self) -> None:
         if self.closed:
             return
-        current = sys.exc_info()[1]
-        if current is not None and current is not self._exc_at_open:
+        if sys.exc_info()[1] is not None and _closed_by_failing_owner(self):
             self.discard()
             return
         try:
@@ -388,3 +396,56 @@ class EncryptedWriter(io.BufferedIOBase):
 
     def __repr__(self) -> str:
         return f"<EncryptedWriter {self.path!r}>"
+
+
+_CO_VARARGS = 0x04
+_OWNER_ATTRS = ("buffer", "raw", "f", "fobjects", "handle", "created_handles")
+
+
+def _closed_by_failing_owner(target: Any, max_frames: int = 24) -> bool:
+    """Whether this ``close()`` runs inside the ``__exit__`` of a ``with`` block that holds
+    ``target`` (or a wrapper of it) and is unwinding an exception: the nearest such frame on
+    the stack decides. An ``except`` or ``finally`` block of the caller's is no ``__exit__``."""
+    frame = sys._getframe(2)
+    for _ in range(max_frames):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "__exit__" and _holds(frame.f_locals.get("self"), target, 3):
+            return any(_is_exception(a) for a in _exit_arguments(frame))
+        frame = frame.f_back
+    return False
+
+
+def _exit_arguments(frame: Any) -> list[Any]:
+    code, local = frame.f_code, frame.f_locals
+    names = list(code.co_varnames[1 : code.co_argcount])
+    values = [local.get(n) for n in names]
+    if code.co_flags & _CO_VARARGS:
+        values += list(local.get(code.co_varnames[code.co_argcount + code.co_kwonlyargcount], ()))
+    return values
+
+
+def _is_exception(value: Any) -> bool:
+    return isinstance(value, BaseException) or (isinstance(value, type) and issubclass(value, BaseException))
+
+
+def _holds(obj: Any, target: Any, depth: int) -> bool:
+    """``obj`` is ``target`` or wraps it within ``depth`` steps (attributes, lists of files)."""
+    if obj is target:
+        return True
+    if depth == 0 or obj is None or isinstance(obj, (str, bytes, int, float)):
+        return False
+    if isinstance(obj, (list, tuple)):
+        return any(_holds(o, target, depth - 1) for o in obj[:16])
+    inner = [getattr(obj, a, None) for a in _OWNER_ATTRS]
+    return any(_holds(o, target, depth - 1) for o in inner if o is not None)
+
+
+class EncryptedTextWriter(io.TextIOWrapper):
+    """Text mode over an ``EncryptedWriter`` whose ``with`` discards the file when it fails
+    (``io.TextIOWrapper``'s own ``__exit__`` would flush and commit)."""
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and isinstance(self.buffer, EncryptedWriter):
+            self.buffer.discard()
+        super().__exit__(exc_type, exc, tb)

@@ -21,7 +21,7 @@ from fsspec.implementations.chained import ChainedFileSystem
 from . import format as fmt
 from .backend import CipherBackend, get_backend
 from .errors import FormatError
-from .file import DEFAULT_READAHEAD, EncryptedReader, EncryptedWriter
+from .file import DEFAULT_READAHEAD, EncryptedReader, EncryptedTextWriter, EncryptedWriter
 from .keys import KeyRing
 from .keys.refs import ENV_DEFAULT, KeySpec
 from .reader import ChunkReader
@@ -247,6 +247,14 @@ class EncFileSystem(ChainedFileSystem):
         head = raw.read(len(fmt.MAGIC)) if ct_size else b""
         raw.seek(0)
         return head == fmt.MAGIC
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any):
+        """fsspec's ``open``; text writes get an ``EncryptedTextWriter``, whose failed ``with``
+        discards the file as the binary writer's does."""
+        if "b" in mode or not ("w" in mode or "x" in mode):
+            return super().open(path, mode, **kwargs)
+        text = {k: kwargs.pop(k) for k in ("encoding", "errors", "newline") if k in kwargs}
+        return EncryptedTextWriter(super().open(path, mode.replace("t", "") + "b", **kwargs), **text)
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True, cache_options: dict | None = None, **kwargs: Any):
         path = self._strip_target(path)

@@ -21,8 +21,9 @@ from typing import BinaryIO, Callable
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend
-from .errors import FormatError
+from .errors import FormatError, IntegrityError
 from .keys import KeyRing
+from .securemem import cleanse
 
 FIRST_READ = 4096
 
@@ -82,6 +83,30 @@ class ChunkReader:
         cs.check_commitment(self._keys, prefix[cs.SALT_SIZE :])
         self.chunks = cs.chunk_count(self.size)
         self._cipher = (backend or get_backend()).chunk_cipher(self._keys.key.view(), self._keys.base_nonce)
+        self._authenticate_final_chunk(head)
+
+    def _authenticate_final_chunk(self, head: bytes) -> None:
+        """Open the final chunk now, so that no size is trusted and no read returns anything
+        before the file is known whole: a file cut at a chunk boundary (to a valid-looking
+        shorter length, down to an empty payload) fails here, not at end of file. Small files
+        are already in ``head``; others cost one read of at most one chunk."""
+        last = self.chunks - 1
+        offset, ct_len = self._ct_range(last, 1)
+        ct = head[offset : offset + ct_len] if offset + ct_len <= len(head) else self.fetch(last, 1)
+        scratch = bytearray(ct_len - cs.TAG_SIZE)
+        try:
+            self.decrypt_into(last, ct, memoryview(scratch))
+        except IntegrityError:
+            self.close()
+            raise IntegrityError(
+                f"{self.name}: final chunk {last} failed authentication: the file is truncated or was modified",
+                chunk_index=last,
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            cleanse(scratch)
 
     def _attach(self, raw: BinaryIO) -> None:
         try:

@@ -32,7 +32,7 @@ class EncryptedRecordDataset:
         self.storage_options = dict(storage_options or {})
         self.fs, _ = url_to_fs(self.urls[0], **self.storage_options)
         self.paths = [url_to_fs(u, **self.storage_options)[1] for u in self.urls]
-        sizes = [self.fs.size(p) for p in self.paths]
+        sizes = [self._authenticated_size(p) for p in self.paths]
         bad = [p for p, s in zip(self.paths, sizes) if s % self.record_bytes]
         if bad:
             raise ValueError(f"{bad[0]}: size is not a multiple of the {self.record_bytes}-byte record")
@@ -40,6 +40,12 @@ class EncryptedRecordDataset:
         self._starts = [int(x) for x in np.cumsum([0] + counts[:-1])]
         self._len = int(sum(counts))
         self._handles: dict[int, Any] = {}
+
+    def _authenticated_size(self, path: str) -> int:
+        """The plaintext size of ``path`` from an open file, whose final chunk is authenticated
+        on open: a shard cut at a chunk boundary is an IntegrityError, never fewer records."""
+        with self.fs.open(path, "rb") as f:
+            return f.size
 
     def __len__(self) -> int:
         return self._len

@@ -1,0 +1,152 @@
+"""Regression tests for the outside audit's findings (the hardening issue), one promise each:
+truncation never reads as a shorter valid file, a shared reader never releases unverified
+bytes, a write is discarded only by a failed ``with`` that owns it, modes and temporaries
+are handled with care, and derived keys live in memory that is wiped."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import fsspec
+import numpy as np
+import pytest
+
+from encfs import IntegrityError
+from encfs import cobblestone as cs
+from encfs.filesystem import EncFileSystem
+from encfs.sink import TEMP_MARK
+
+
+def _payload_start(raw: bytes) -> int:
+    return struct.unpack(">I", raw[28:32])[0] + cs.PREFIX_SIZE
+
+
+def _leftovers(d) -> list[str]:
+    return [n for n in os.listdir(d) if TEMP_MARK in n]
+
+
+# -- 1. truncation at a chunk boundary is an error wherever a size or a read is reported ------
+
+
+@pytest.mark.parametrize("kept_chunks", [0, 1, 3])
+def test_file_cut_at_a_chunk_boundary_never_opens(enc, kept_chunks):
+    """Cut to header + prefix + k whole chunks + 16 bytes: lengths alone say it is a valid
+    file of k * 16 KiB bytes; opening it (any reader) must say it is not."""
+    fs, root = enc
+    data = os.urandom(5 * cs.CHUNK_SIZE + 100)
+    fs.pipe_file(f"{root}/f", data)
+    raw = open(f"{root}/f", "rb").read()
+    cut = raw[: _payload_start(raw) + kept_chunks * cs.CT_CHUNK_SIZE + cs.TAG_SIZE]
+    open(f"{root}/f", "wb").write(cut)
+    fs.invalidate_cache()
+    assert fs.size(f"{root}/f") == kept_chunks * cs.CHUNK_SIZE  # what lengths alone claim
+    with pytest.raises(IntegrityError) as e:
+        fs.open(f"{root}/f", "rb")
+    assert e.value.chunk_index == kept_chunks
+    with pytest.raises(IntegrityError):
+        fs.cat_file(f"{root}/f")
+    with pytest.raises(IntegrityError):
+        fs.cat_file(f"{root}/f", start=0, end=0)
+
+
+def test_pyarrow_input_file_of_a_cut_file_is_an_error(enc):
+    pafs = pytest.importorskip("pyarrow.fs")
+    fs, root = enc
+    fs.pipe_file(f"{root}/f", os.urandom(3 * cs.CHUNK_SIZE))
+    raw = open(f"{root}/f", "rb").read()
+    open(f"{root}/f", "wb").write(raw[: _payload_start(raw) + cs.TAG_SIZE])
+    fs.invalidate_cache()
+    handler = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    with pytest.raises(IntegrityError):
+        handler.open_input_file(f"{root}/f").read()
+
+
+def test_record_dataset_refuses_a_cut_shard(enc, keyref):
+    from encfs.loaders.records import EncryptedRecordDataset
+
+    fs, root = enc
+    rec = np.arange(4 * 1000 * 8, dtype=np.float32).reshape(4, 1000, 8)
+    urls = []
+    for k in range(4):
+        fs.pipe_file(f"{root}/s{k}", rec[k].tobytes())
+        urls.append(f"encfs::file://{root}/s{k}")
+    opts = {"encfs": {"key": keyref}}
+    assert len(EncryptedRecordDataset(urls, (8,), storage_options=opts)) == 4000
+    raw = open(f"{root}/s2", "rb").read()
+    open(f"{root}/s2", "wb").write(raw[: _payload_start(raw) + cs.TAG_SIZE])
+    with pytest.raises(IntegrityError, match="s2"):
+        EncryptedRecordDataset(urls, (8,), storage_options=opts)
+
+
+# -- 3. only a failed ``with`` that owns the file discards it ----------------------------------
+
+
+def test_close_inside_except_after_a_later_exception_commits(enc):
+    fs, root = enc
+    f = fs.open(f"{root}/ckpt", "wb")
+    try:
+        f.write(b"state before the crash")
+        raise RuntimeError("training failed")
+    except RuntimeError:
+        f.write(b"; emergency")
+        f.close()
+    assert fs.cat_file(f"{root}/ckpt") == b"state before the crash; emergency"
+
+
+def test_close_from_a_helpers_finally_commits(enc):
+    fs, root = enc
+
+    def save(f):
+        try:
+            f.write(b"saved")
+            raise ValueError("caller's problem")
+        finally:
+            f.close()
+
+    with pytest.raises(ValueError):
+        save(fs.open(f"{root}/g", "wb"))
+    assert fs.cat_file(f"{root}/g") == b"saved"
+
+
+@pytest.mark.parametrize("mode", ["wb", "wt"])
+def test_failed_fsspec_open_block_discards(enc, keyref, mode):
+    fs, root = enc
+    fs.pipe_file(f"{root}/h", b"old")
+    with pytest.raises(RuntimeError):
+        with fsspec.open(f"encfs::file://{root}/h", mode, encfs={"key": keyref}) as f:
+            f.write(b"new half" if "b" in mode else "new half")
+            raise RuntimeError("boom")
+    assert fs.cat_file(f"{root}/h") == b"old" and not _leftovers(root)
+
+
+def test_failed_text_mode_block_discards_and_clean_one_commits(enc):
+    fs, root = enc
+    fs.pipe_file(f"{root}/t", b"old")
+    with pytest.raises(RuntimeError):
+        with fs.open(f"{root}/t", "w") as f:
+            f.write("half")
+            raise RuntimeError("boom")
+    assert fs.cat_file(f"{root}/t") == b"old" and not _leftovers(root)
+    with fs.open(f"{root}/t", "w", encoding="utf-8") as f:
+        f.write("new ✓")
+    assert fs.cat_file(f"{root}/t") == "new ✓".encode()
+
+
+def test_checkpoint_written_by_a_failing_context_managers_exit_is_kept(enc):
+    """An ``__exit__`` that is not the file's owner (a trainer saving on failure) commits."""
+    fs, root = enc
+
+    class Trainer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, et, ev, tb):
+            f = fs.open(f"{root}/emergency", "wb")
+            f.write(b"weights")
+            f.close()
+
+    with pytest.raises(RuntimeError):
+        with Trainer():
+            raise RuntimeError("diverged")
+    assert fs.cat_file(f"{root}/emergency") == b"weights"
