@@ -8,15 +8,21 @@ object beside the destination, then ``mv``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import posixpath
 import secrets
+import stat
+import threading
+import time
 from typing import Callable, Protocol
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 TEMP_MARK = ".encfs-tmp-"
+STALE_AFTER = 60.0
+"""Seconds a temporary file must be untouched before it counts as stale (with a free lock)."""
 _TRANSACTIONAL = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "abfss"}
 
 
@@ -50,10 +56,14 @@ class LocalSink:
     """Temporary file beside the destination, then an atomic rename (or, for ``exclusive``,
     a hard link that fails if the destination exists).
 
-    The temporary file is created private (0600); at commit it takes ``mode``, else an
-    existing destination's permission bits, else the umask default. A destination that is a
-    symlink owned by the current user is written at its target; anyone else's symlink is
-    replaced, never followed (a planted link must not redirect a write)."""
+    The temporary file is created private (0600) and held under ``flock`` while it is
+    written, so that a later writer can tell one left by a killed process (its lock is gone)
+    from one still being written, and remove it (``remove_stale_temporaries``, run once per
+    directory and process on the first write there). At commit the file takes ``mode``, else
+    the permission bits of the regular file it replaces, else the umask default; never a
+    symlink's. A destination that is a symlink owned by the current user is written at its
+    target; anyone else's symlink is replaced, never followed (a planted link must not
+    redirect a write)."""
 
     def __init__(self, path: str, exclusive: bool = False, mode: int | None = None):
         if os.path.islink(path) and os.lstat(path).st_uid == os.getuid():
@@ -62,15 +72,17 @@ class LocalSink:
         self.exclusive = exclusive
         if exclusive and os.path.lexists(self.path):
             raise FileExistsError(self.path)
-        if mode is None:
-            try:
-                mode = os.stat(self.path, follow_symlinks=False).st_mode & 0o7777
-            except FileNotFoundError:
-                mode = 0o666 & ~_umask()
-        self.mode = mode
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.mode = _replaced_mode(self.path) if mode is None else mode
+        parent = os.path.dirname(self.path) or "."
+        os.makedirs(parent, exist_ok=True)
+        _clean_once(parent)
         self.tmp = temp_name(self.path)
-        self._f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # no flock here (some network filesystems): only age then tells stale files
+        self._f = os.fdopen(fd, "wb")
 
     def write(self, data: bytes | memoryview) -> int:
         return self._f.write(data)
@@ -79,11 +91,11 @@ class LocalSink:
         self._f.flush()
         os.fchmod(self._f.fileno(), self.mode)
         os.fsync(self._f.fileno())
-        self._f.close()
         if self.exclusive:
             self._link_exclusive()
         else:
             os.replace(self.tmp, self.path)
+        self._f.close()
         try:
             dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         except OSError:
@@ -99,22 +111,110 @@ class LocalSink:
         try:
             os.link(self.tmp, self.path)
         except FileExistsError:
-            os.unlink(self.tmp)
             raise
         except OSError:
             if os.path.lexists(self.path):
-                os.unlink(self.tmp)
                 raise FileExistsError(self.path) from None
             os.replace(self.tmp, self.path)
         else:
             os.unlink(self.tmp)
 
     def abort(self) -> None:
-        self._f.close()
+        """Remove the temporary file, even when closing it fails (a full disk fails the flush)."""
         try:
-            os.unlink(self.tmp)
+            self._f.close()
+        except OSError:
+            pass
+        finally:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _replaced_mode(path: str) -> int:
+    """Permission bits for a new file at ``path``: those of the regular file it replaces,
+    else the umask default (a symlink's 0777 or a device's bits are never copied)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        return st.st_mode & 0o777
+    return 0o666 & ~_umask()
+
+
+_cleaned: set[str] = set()
+_cleaned_lock = threading.Lock()
+
+
+def _clean_once(directory: str) -> None:
+    with _cleaned_lock:
+        if directory in _cleaned:
+            return
+        if len(_cleaned) > 10_000:
+            _cleaned.clear()
+        _cleaned.add(directory)
+    try:
+        remove_stale_temporaries(None, directory)
+    except OSError:
+        pass
+
+
+def remove_stale_temporaries(fs: AbstractFileSystem | None, directory: str, older_than: float = STALE_AFTER) -> list[str]:
+    """Delete encfs's own temporaries in ``directory`` that no live writer holds: on local
+    disk, those whose ``flock`` is free (the writer was killed) and older than ``older_than``
+    seconds; elsewhere (no locks), those older than ``older_than``. Returns what was removed.
+    Files of any other name are never touched."""
+    if fs is None or isinstance(fs, LocalFileSystem):
+        return _remove_stale_local(directory if fs is None else fs._strip_protocol(directory), older_than)
+    removed = []
+    now = time.time()
+    for entry in fs.ls(directory, detail=True):
+        if entry.get("type") != "file" or not is_temp_name(entry["name"]):
+            continue
+        mtime = _mtime(entry)
+        if mtime is not None and now - mtime >= older_than:
+            fs.rm_file(entry["name"])
+            removed.append(entry["name"])
+    return removed
+
+
+def _remove_stale_local(directory: str, older_than: float) -> list[str]:
+    removed = []
+    now = time.time()
+    with os.scandir(directory) as it:
+        names = [e.path for e in it if TEMP_MARK in e.name and e.is_file(follow_symlinks=False)]
+    for path in names:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if now - os.fstat(fd).st_mtime < older_than:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            except OSError:
+                pass
+            os.unlink(path)
+            removed.append(path)
         except FileNotFoundError:
             pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _mtime(entry: dict) -> float | None:
+    for k in ("mtime", "LastModified", "last_modified", "created"):
+        v = entry.get(k)
+        if v is None:
+            continue
+        return v.timestamp() if hasattr(v, "timestamp") else float(v)
+    return None
 
 
 class UploadSink:

@@ -150,3 +150,119 @@ def test_checkpoint_written_by_a_failing_context_managers_exit_is_kept(enc):
         with Trainer():
             raise RuntimeError("diverged")
     assert fs.cat_file(f"{root}/emergency") == b"weights"
+
+
+# -- 4. a new file never takes a symlink's mode ------------------------------------------------
+
+
+def test_replacing_someone_elses_symlink_gets_the_umask_default_not_0777(enc):
+    fs, root = enc
+    target = f"{root}/elsewhere"
+    open(target, "wb").write(b"not yours")
+    os.symlink(target, f"{root}/link")
+    os.lchown(f"{root}/link", 12345, 12345)  # planted by another user: replaced, not followed
+    fs.pipe_file(f"{root}/link", b"secret")
+    st = os.lstat(f"{root}/link")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert not os.path.islink(f"{root}/link") and st.st_mode & 0o777 == 0o666 & ~umask
+    assert open(target, "rb").read() == b"not yours"
+    assert fs.cat_file(f"{root}/link") == b"secret"
+
+
+def test_writing_through_own_symlink_keeps_the_targets_mode(enc):
+    fs, root = enc
+    open(f"{root}/real", "wb").write(b"x")
+    os.chmod(f"{root}/real", 0o600)
+    os.symlink(f"{root}/real", f"{root}/mine")
+    fs.pipe_file(f"{root}/mine", b"secret")
+    assert os.path.islink(f"{root}/mine") and os.stat(f"{root}/real").st_mode & 0o777 == 0o600
+    assert fs.cat_file(f"{root}/real") == b"secret"
+
+
+# -- 7. a failure at commit leaves no temporary file -------------------------------------------
+
+FULL_AT_COMMIT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+from encfs.filesystem import EncFileSystem
+fs = EncFileSystem(key=sys.argv[1], skip_instance_cache=True)
+try:
+    fs.pipe_file(sys.argv[2], os.urandom(3000))   # buffered until commit's flush, which fails
+except OSError as e:
+    print("OSError", e.errno, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_disk_full_at_commit_leaves_no_temporary(enc, keyref):
+    import subprocess
+    import sys
+
+    fs, root = enc
+    fs.pipe_file(f"{root}/d", b"keep me")
+    res = subprocess.run([sys.executable, "-c", FULL_AT_COMMIT, keyref, f"{root}/d"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3 and res.stdout.startswith("OSError 27"), res.stderr
+    assert fs.cat_file(f"{root}/d") == b"keep me" and not _leftovers(root)
+
+
+# -- 12. temporaries of killed writers are removed, live ones kept ------------------------------
+
+SLOW_WRITER = """
+import os, sys, time
+from encfs.filesystem import EncFileSystem
+fs = EncFileSystem(key=sys.argv[1], skip_instance_cache=True)
+with fs.open(sys.argv[2], "wb") as f:
+    f.write(os.urandom(100_000))
+    print("written", flush=True)
+    time.sleep(120)
+"""
+
+
+def _start_writer(keyref: str, path: str):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, keyref, path], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    return proc
+
+
+def _age(root, seconds: float) -> None:
+    for n in _leftovers(root):
+        t = os.stat(f"{root}/{n}").st_mtime - seconds
+        os.utime(f"{root}/{n}", (t, t))
+
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(enc, keyref):
+    import signal
+    import subprocess
+    import sys
+
+    from encfs.sink import remove_stale_temporaries
+
+    fs, root = enc
+    dead = _start_writer(keyref, f"{root}/dead")
+    dead.send_signal(signal.SIGKILL)
+    dead.wait(timeout=30)
+    live = _start_writer(keyref, f"{root}/live")
+    try:
+        assert len(_leftovers(root)) == 2
+        _age(root, 3600)
+        open(f"{root}/.unrelated.tmp", "wb").write(b"not ours")
+        removed = remove_stale_temporaries(None, root)
+        left = _leftovers(root)
+        assert len(removed) == 1 and "dead" in os.path.basename(removed[0])
+        assert len(left) == 1 and "live" in left[0], "a live writer's temporary is never removed"
+        assert os.path.exists(f"{root}/.unrelated.tmp")
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    _age(root, 3600)
+    # the next write to the directory, in a new process, cleans up by itself
+    subprocess.run([sys.executable, "-c", "import sys; from encfs.filesystem import EncFileSystem as E; "
+                    "E(key=sys.argv[1], skip_instance_cache=True).pipe_file(sys.argv[2], b'x')", keyref, f"{root}/next"],
+                   check=True, timeout=120)
+    assert not _leftovers(root)
+    assert sorted(fs.ls(root, detail=False)) == [f"{root}/.unrelated.tmp", f"{root}/next"]
