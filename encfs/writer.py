@@ -1,5 +1,7 @@
 """The payload writer: seals a plaintext stream into ``header || payload`` on a sink, with
-memory bounded by one block of chunks whatever the file size.
+memory bounded by one block of chunks whatever the file size. Plaintext waiting for a whole
+block sits in locked memory that is wiped when the writer ends; whole blocks written at once
+are sealed straight from the caller's buffer.
 
 Any failure poisons the writer: the sink is aborted at once and every later call raises, so
 a caller that ignores an error cannot go on to commit a file with a hole in it."""
@@ -13,6 +15,7 @@ from . import format as fmt
 from .backend import CipherBackend, get_backend, split_plaintext
 from .errors import EncfsError
 from .keys import KeyRing, new_file_key
+from .securemem import SecureBuffer
 from .sink import Sink
 
 DEFAULT_BLOCK_CHUNKS = 256
@@ -27,7 +30,8 @@ class PayloadWriter:
         self._sink = sink
         self._index = 0
         self._block = block_chunks * cs.CHUNK_SIZE
-        self._pending = bytearray()
+        self._pending: SecureBuffer | None = None
+        self._fill = 0
         self._out = bytearray(block_chunks * cs.CT_CHUNK_SIZE)
         self.plaintext_written = 0
         self._failed: BaseException | None = None
@@ -63,34 +67,44 @@ class PayloadWriter:
         n = len(mv)
         try:
             while mv:
-                take = min(len(mv), self._block - len(self._pending))
-                self._pending += mv[:take]
+                if self._fill == 0 and len(mv) >= self._block:
+                    self._seal(mv[: self._block], final=False)
+                    mv = mv[self._block :]
+                    continue
+                pending = self._pending_buffer()
+                take = min(len(mv), self._block - self._fill)
+                pending[self._fill : self._fill + take] = mv[:take]
+                self._fill += take
                 mv = mv[take:]
-                if len(self._pending) == self._block:
-                    self._seal(final=False)
+                if self._fill == self._block:
+                    self._seal(memoryview(pending), final=False)
+                    self._fill = 0
         except BaseException as e:
             self._fail(e)
             raise
         self.plaintext_written += n
         return n
 
-    def _seal(self, final: bool) -> None:
-        plain = memoryview(self._pending)
+    def _pending_buffer(self) -> SecureBuffer:
+        if self._pending is None:
+            self._pending = SecureBuffer(self._block)
+        return self._pending
+
+    def _seal(self, plain: memoryview, final: bool) -> None:
         chunks = split_plaintext(len(plain), final)
         if self._index + chunks > cs.MAX_CHUNKS:
             raise ValueError("file too large for Cobblestone-256 (2**38 chunks)")
         n = self._cipher.encrypt_into(self._index, plain, memoryview(self._out), final)
-        plain.release()
         self._sink.write(memoryview(self._out)[:n])
         self._index += chunks
-        self._pending[:] = bytes(len(self._pending))
-        self._pending.clear()
 
     def finish(self) -> None:
         """Seal the final chunk; the destination appears only on ``commit()``."""
         self._check()
         try:
-            self._seal(final=True)
+            tail = memoryview(self._pending)[: self._fill] if self._pending is not None else memoryview(b"")
+            self._seal(tail, final=True)
+            self._fill = 0
             self._sealed = True
         except BaseException as e:
             self._fail(e)
@@ -129,5 +143,6 @@ class PayloadWriter:
     def _wipe(self) -> None:
         self._cipher.close()
         self._keys.wipe()
-        self._pending[:] = bytes(len(self._pending))
-        self._out[:] = bytes(len(self._out))
+        if self._pending is not None:
+            self._pending.release()
+        self._fill = 0

@@ -266,3 +266,59 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(enc, keyref):
                    check=True, timeout=120)
     assert not _leftovers(root)
     assert sorted(fs.ls(root, detail=False)) == [f"{root}/.unrelated.tmp", f"{root}/next"]
+
+
+# -- 8. the write path leaves no plaintext in freed heap memory --------------------------------
+
+HEAP_SCAN = r"""
+import os, re, sys
+from encfs.filesystem import EncFileSystem
+
+A, B = os.urandom(16), os.urandom(16)   # plaintext is A+B repeated; A+B never exists as one object
+SIZE = 2 << 20
+buf = bytearray(SIZE)
+for i in range(0, SIZE, 32):
+    buf[i : i + 16] = A
+    buf[i + 16 : i + 32] = B
+fs = EncFileSystem(key=sys.argv[1], backend=sys.argv[3], skip_instance_cache=True)
+with fs.open(sys.argv[2], "wb") as f:
+    view = memoryview(buf)
+    for i in range(0, SIZE, 1000):
+        f.write(view[i : i + 1000])
+    view.release()
+buf[:] = bytes(SIZE)   # the caller wipes its own copy
+
+def hits():
+    found = 0
+    with open("/proc/self/maps") as m, open("/proc/self/mem", "rb", 0) as mem:
+        for line in m:
+            parts = line.split()
+            if "rw" not in parts[1] or (len(parts) > 5 and parts[5].startswith("/")):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            try:
+                data = os.pread(mem.fileno(), hi - lo, lo)
+            except OSError:
+                continue
+            start = data.find(A)
+            while start != -1:
+                if data[start + 16 : start + 32] == B:
+                    found += 1
+                start = data.find(A, start + 1)
+            del data
+    return found
+
+print(hits(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["python", "auto"])
+def test_small_writes_leave_no_plaintext_in_the_heap(enc, keyref, backend):
+    import subprocess
+    import sys
+
+    fs, root = enc
+    res = subprocess.run([sys.executable, "-c", HEAP_SCAN, keyref, f"{root}/p", backend], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.strip()) == 0, "plaintext of the write path remains in process memory"
+    assert len(fs.cat_file(f"{root}/p")) == 2 << 20
