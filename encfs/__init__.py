@@ -5,13 +5,13 @@
         f.write(b"...")
 """
 
-from .errors import ConfigError, EncfsError, FormatError, IntegrityError, KeyReferenceError, NoMatchingKeyError
+from .errors import ConfigError, EncfsError, FormatError, IntegrityError, KeyReferenceError, NoMatchingKeyError, TransactionError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "EncFileSystem", "EncfsError", "FormatError", "IntegrityError", "KeyReferenceError",
-    "NoMatchingKeyError", "__version__",
+    "NoMatchingKeyError", "TransactionError", "__version__",
 ]
 
 

@@ -38,3 +38,13 @@ class KeyReferenceError(EncfsError, ValueError):
 
 class ConfigError(EncfsError, ValueError):
     """A setting (an ``ENCFS_*`` environment variable, an option) has a value encfs cannot use."""
+
+
+class TransactionError(EncfsError):
+    """A commit inside ``fs.transaction`` failed: ``committed`` lists the files that appeared
+    before it, ``failed`` the one that did not; it and every later file were discarded."""
+
+    def __init__(self, message: str, *, committed: list[str], failed: str):
+        super().__init__(message)
+        self.committed = list(committed)
+        self.failed = failed

@@ -25,6 +25,7 @@ from .file import DEFAULT_READAHEAD, EncryptedReader, EncryptedTextWriter, Encry
 from .keys import KeyRing
 from .keys.refs import ENV_DEFAULT, KeySpec
 from .reader import ChunkReader
+from .transaction import EncTransaction
 from .sink import LocalSink, fill_atomically, is_temp_name, open_sink
 from .writer import PayloadWriter
 
@@ -63,6 +64,7 @@ class EncFileSystem(ChainedFileSystem):
 
     protocol = "encfs"
     root_marker = ""
+    transaction_type = EncTransaction
     _env_default_key = _EnvDefaultKey()
     _extra_tokenize_attributes = ("_env_default_key",)
 

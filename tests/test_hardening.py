@@ -322,3 +322,28 @@ def test_small_writes_leave_no_plaintext_in_the_heap(enc, keyref, backend):
     assert res.returncode == 0, res.stderr
     assert int(res.stdout.strip()) == 0, "plaintext of the write path remains in process memory"
     assert len(fs.cat_file(f"{root}/p")) == 2 << 20
+
+
+# -- 10. what a transaction does when a commit fails midway ------------------------------------
+
+
+def test_transaction_commit_failure_keeps_earlier_discards_rest(enc):
+    from encfs import TransactionError
+
+    fs, root = enc
+    fs.pipe_file(f"{root}/b", b"old b")
+    with pytest.raises(TransactionError) as e:
+        with fs.transaction:
+            for name in "abc":
+                with fs.open(f"{root}/{name}", "wb") as f:
+                    f.write(f"new {name}".encode())
+            # the second commit fails: its temporary file vanished (as on a full or broken disk)
+            second = fs.transaction.files[1]
+            os.unlink(second._w._sink.tmp)
+    assert e.value.committed == [f"{root}/a"] and e.value.failed == f"{root}/b"
+    assert fs.cat_file(f"{root}/a") == b"new a"
+    assert fs.cat_file(f"{root}/b") == b"old b"
+    assert not fs.exists(f"{root}/c") and not _leftovers(root)
+    assert not fs._intrans, "the transaction is over: later writes commit normally"
+    fs.pipe_file(f"{root}/d", b"d")
+    assert fs.cat_file(f"{root}/d") == b"d"
