@@ -347,3 +347,56 @@ def test_transaction_commit_failure_keeps_earlier_discards_rest(enc):
     assert not fs._intrans, "the transaction is over: later writes commit normally"
     fs.pipe_file(f"{root}/d", b"d")
     assert fs.cat_file(f"{root}/d") == b"d"
+
+
+# -- 9. a hostile passphrase stanza cannot buy more than one ordinary unlock -------------------
+
+
+def _with_argon2_params(raw: bytes, memory_kib: int, iterations: int) -> bytes:
+    """The same file with its passphrase stanza's Argon2 cost rewritten (MAC then fails, but
+    the reader must refuse before it spends anything)."""
+    from encfs.format import parse
+
+    header = parse(raw)
+    (stanza,) = [s for s in header.stanzas if s.type == "passphrase"]
+    new = stanza.params[:16] + struct.pack(">III", memory_kib, iterations, 1)
+    return raw.replace(stanza.params, new, 1)
+
+
+def test_passphrase_stanza_above_the_read_bound_is_refused_before_argon2(tmp_path, monkeypatch):
+    from encfs import FormatError
+    from encfs.keys import passphrase
+
+    monkeypatch.setenv("PW", "correct horse")
+    fs = EncFileSystem(key="passphrase:env:PW", skip_instance_cache=True)
+    fs.pipe_file(f"{tmp_path}/f", b"data")
+    raw = open(f"{tmp_path}/f", "rb").read()
+    open(f"{tmp_path}/hostile", "wb").write(_with_argon2_params(raw, 1 << 20, 4))
+    runs = []
+    real = passphrase.Argon2id
+    monkeypatch.setattr(passphrase, "Argon2id", lambda **kw: runs.append(kw) or real(**kw))
+    reader = EncFileSystem(key="passphrase:env:PW", skip_instance_cache=True)
+    with pytest.raises(FormatError, match="more than this reader allows"):
+        reader.cat_file(f"{tmp_path}/hostile")
+    assert runs == [], "no Argon2id run for a stanza over the bound"
+    assert reader.cat_file(f"{tmp_path}/f") == b"data" and len(runs) == 1
+
+
+def test_raising_the_read_bound_opens_files_written_with_stronger_parameters(tmp_path, monkeypatch):
+    from encfs import FormatError
+    from encfs.keys import Argon2Params, Passphrase
+    from encfs.secret import SecretBytes
+
+    strong = Argon2Params(memory_kib=4096, iterations=1, lanes=1)  # above the (test) default of 1 MiB
+    writer = Passphrase(SecretBytes(b"pw"), params=strong)
+    fs = EncFileSystem(key=writer, skip_instance_cache=True)
+    fs.pipe_file(f"{tmp_path}/f", b"strong")
+    assert fs.cat_file(f"{tmp_path}/f") == b"strong", "the writer's own parameters are within its bound"
+    plain = EncFileSystem(key=Passphrase(SecretBytes(b"pw")), skip_instance_cache=True)
+    with pytest.raises(FormatError, match="raise the bound"):
+        plain.cat_file(f"{tmp_path}/f")
+    raised = EncFileSystem(key=Passphrase(SecretBytes(b"pw"), max_params=strong), skip_instance_cache=True)
+    assert raised.cat_file(f"{tmp_path}/f") == b"strong"
+    monkeypatch.setenv("ENCFS_ARGON2_MAX_MEMORY_KIB", "4096")
+    monkeypatch.setenv("PW", "pw")
+    assert EncFileSystem(key="passphrase:env:PW", skip_instance_cache=True).cat_file(f"{tmp_path}/f") == b"strong"

@@ -1,6 +1,10 @@
 """Passphrase recipients: Argon2id (pyca/cryptography) derives the wrap key; its salt and
-cost parameters travel in the stanza, bounded on read so a hostile header cannot demand
-unbounded memory or time."""
+cost parameters travel in the stanza. A reader must run Argon2id before anything in the file
+can be authenticated, so the cost a file may ask for is bounded on read: by default to what
+writers use by default (``DEFAULT_PARAMS``: 64 MiB, 3 passes), so a hostile file costs at most
+one ordinary unlock. Files written with stronger parameters need the bound raised:
+``Passphrase(..., max_params=...)`` or ``$ENCFS_ARGON2_MAX_MEMORY_KIB``. The format's own
+limits (``check``) still cap what any reader accepts."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from ..env import ARGON2_MAX_MEMORY_KIB, env_int
 from ..errors import FormatError
 from ..format import Stanza
 from ..secret import SecretBytes
@@ -50,12 +55,40 @@ DEFAULT_PARAMS = Argon2Params()
 class Passphrase:
     type = TYPE
 
-    def __init__(self, passphrase: SecretBytes, source: str = "<memory>", params: Argon2Params | None = None):
+    def __init__(
+        self,
+        passphrase: SecretBytes,
+        source: str = "<memory>",
+        params: Argon2Params | None = None,
+        max_params: Argon2Params | None = None,
+    ):
         if not len(passphrase):
             raise ValueError("empty passphrase")
         self._pass = passphrase
         self.source = source
         self.params = params or DEFAULT_PARAMS
+        self.max_params = max_params
+
+    def read_bound(self) -> Argon2Params:
+        """The most a file may ask of this reader: ``max_params`` if given, else the larger of
+        the writers' default and this passphrase's own write parameters, raised in memory by
+        ``$ENCFS_ARGON2_MAX_MEMORY_KIB``."""
+        if self.max_params is not None:
+            return self.max_params
+        d, own = DEFAULT_PARAMS, self.params
+        memory = max(d.memory_kib, own.memory_kib, env_int(ARGON2_MAX_MEMORY_KIB, 0, 8))
+        return Argon2Params(memory, max(d.iterations, own.iterations), max(d.lanes, own.lanes))
+
+    def _check_affordable(self, p: Argon2Params) -> None:
+        bound = self.read_bound()
+        work = bound.memory_kib * bound.iterations
+        if p.memory_kib > bound.memory_kib or p.memory_kib * p.iterations > work or p.lanes > bound.lanes:
+            raise FormatError(
+                f"passphrase stanza asks for Argon2id memory {p.memory_kib} KiB x {p.iterations} passes, "
+                f"{p.lanes} lanes: more than this reader allows ({bound.memory_kib} KiB, {work} KiB x passes, "
+                f"{bound.lanes} lanes); if the file is yours, raise the bound with max_params= or "
+                f"${ARGON2_MAX_MEMORY_KIB}"
+            )
 
     def _derive(self, salt: bytes, p: Argon2Params) -> SecretBytes:
         p.check()
@@ -74,7 +107,10 @@ class Passphrase:
         if len(stanza.params) != _PARAMS.size or stanza.key_id:
             raise FormatError("malformed passphrase stanza")
         salt, m, t, lanes = _PARAMS.unpack(stanza.params)
-        return open_stanza(stanza, self._derive(salt, Argon2Params(m, t, lanes)), context)
+        p = Argon2Params(m, t, lanes)
+        p.check()
+        self._check_affordable(p)
+        return open_stanza(stanza, self._derive(salt, p), context)
 
     def wipe(self) -> None:
         self._pass.wipe()
