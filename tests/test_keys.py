@@ -81,7 +81,13 @@ def test_passphrase_parameters_travel_in_the_stanza(tmp_path, monkeypatch):
     params = fs.open(str(tmp_path / "f")).header.stanzas[0].params
     assert int.from_bytes(params[16:20], "big") == 2048 and int.from_bytes(params[20:24], "big") == 2
     monkeypatch.setattr(pp, "DEFAULT_PARAMS", Argon2Params(memory_kib=1024, iterations=1, lanes=1))
-    assert _fs(tmp_path, key="passphrase:env:PW").cat_file(str(tmp_path / "f")) == b"argon"
+    # a reader whose default is cheaper refuses the costlier file unless its bound is raised
+    with pytest.raises(FormatError, match="more than this reader allows"):
+        _fs(tmp_path, key="passphrase:env:PW").cat_file(str(tmp_path / "f"))
+    from encfs.secret import SecretBytes
+
+    raised = pp.Passphrase(SecretBytes(b"pw"), max_params=Argon2Params(memory_kib=2048, iterations=2, lanes=2))
+    assert _fs(tmp_path, key=raised).cat_file(str(tmp_path / "f")) == b"argon"
 
 
 def test_default_argon2_parameters_are_rfc9106():
