@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from .errors import FormatError, IntegrityError
+from .kdf import derive_secret
 from .secret import SecretBytes
 
 CHUNK_SIZE = 16384
@@ -47,17 +48,17 @@ def derive(input_key: memoryview | bytes, salt: bytes, context: bytes) -> Payloa
         raise ValueError("input key must be 32 bytes")
     if len(salt) != SALT_SIZE:
         raise ValueError("salt must be 24 bytes")
-    okm = bytearray(
-        HKDFExpand(hashes.SHA512(), KEY_SIZE + NONCE_SIZE + COMMITMENT_SIZE, _INFO_PREFIX + salt + context)
-        .derive(input_key)
-    )
-    keys = PayloadKeys(
-        key=SecretBytes(okm[:KEY_SIZE]),
-        base_nonce=bytes(okm[KEY_SIZE : KEY_SIZE + NONCE_SIZE]),
-        commitment=bytes(okm[KEY_SIZE + NONCE_SIZE :]),
-    )
-    okm[:] = bytes(len(okm))
-    return keys
+    n = KEY_SIZE + NONCE_SIZE + COMMITMENT_SIZE
+    okm = derive_secret(HKDFExpand(hashes.SHA512(), n, _INFO_PREFIX + salt + context), input_key, n)
+    try:
+        view = okm.view()
+        return PayloadKeys(
+            key=SecretBytes(view[:KEY_SIZE]),
+            base_nonce=bytes(view[KEY_SIZE : KEY_SIZE + NONCE_SIZE]),  # public: as any GCM nonce
+            commitment=bytes(view[KEY_SIZE + NONCE_SIZE :]),  # public: stored in the file
+        )
+    finally:
+        okm.wipe()
 
 
 def chunk_nonce(base_nonce: bytes, index: int) -> bytes:

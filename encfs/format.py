@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import cobblestone
 from .errors import FormatError, IntegrityError
+from .kdf import derive_secret
 from .secret import SecretBytes
 
 MAGIC = b"\x89ENCFS\r\n"
@@ -102,7 +103,7 @@ def new_file_id() -> bytes:
 
 
 def mac_key(file_key: SecretBytes, file_id: bytes) -> SecretBytes:
-    return SecretBytes(HKDF(hashes.SHA256(), 32, salt=file_id, info=_MAC_INFO).derive(file_key.view()))
+    return derive_secret(HKDF(hashes.SHA256(), 32, salt=file_id, info=_MAC_INFO), file_key.view(), 32)
 
 
 def _hmac(key: SecretBytes, data: bytes) -> crypto_hmac.HMAC:

@@ -17,6 +17,8 @@ from encfs import cobblestone as cs
 from encfs.filesystem import EncFileSystem
 from encfs.sink import TEMP_MARK
 
+from .conftest import write_key
+
 
 def _payload_start(raw: bytes) -> int:
     return struct.unpack(">I", raw[28:32])[0] + cs.PREFIX_SIZE
@@ -400,3 +402,39 @@ def test_raising_the_read_bound_opens_files_written_with_stronger_parameters(tmp
     monkeypatch.setenv("ENCFS_ARGON2_MAX_MEMORY_KIB", "4096")
     monkeypatch.setenv("PW", "pw")
     assert EncFileSystem(key="passphrase:env:PW", skip_instance_cache=True).cat_file(f"{tmp_path}/f") == b"strong"
+
+
+# -- 18. derived keys go straight into wipeable memory -----------------------------------------
+
+
+def test_no_key_derivation_returns_bytes(tmp_path, monkeypatch, keyref):
+    """Every KDF and key unwrap on the read and write paths writes into locked memory
+    (``derive_into``/``decrypt_into``); the ``bytes``-returning calls are never used."""
+    from cryptography.hazmat.primitives.ciphers import aead
+
+    from encfs import cobblestone, format
+    from encfs.keys import base, passphrase
+
+    def only_into(cls, forbidden):
+        class Strict:
+            def __init__(self, *a, **kw):
+                self._inner = cls(*a, **kw)
+
+            def __getattr__(self, name):
+                if name == forbidden:
+                    raise AssertionError(f"{cls.__name__}.{name} returns key bytes that are never wiped")
+                return getattr(self._inner, name)
+
+        return Strict
+
+    monkeypatch.setattr(cobblestone, "HKDFExpand", only_into(cobblestone.HKDFExpand, "derive"))
+    monkeypatch.setattr(format, "HKDF", only_into(format.HKDF, "derive"))
+    monkeypatch.setattr(base, "HKDF", only_into(base.HKDF, "derive"))
+    monkeypatch.setattr(passphrase, "Argon2id", only_into(passphrase.Argon2id, "derive"))
+    monkeypatch.setattr(base, "AESGCM", only_into(aead.AESGCM, "decrypt"))
+    monkeypatch.setenv("PW", "pw")
+    ident = write_key(tmp_path / "id.key", x25519=True)
+    fs = EncFileSystem(key=[keyref, "passphrase:env:PW", ident], skip_instance_cache=True)
+    fs.pipe_file(f"{tmp_path}/f", b"through every recipient type")
+    for ref in (keyref, "passphrase:env:PW", ident):
+        assert EncFileSystem(key=ref, skip_instance_cache=True).cat_file(f"{tmp_path}/f") == b"through every recipient type"

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import FormatError
 from ..format import Stanza
+from ..kdf import derive_secret
 from ..secret import SecretBytes
 
 FILE_KEY_SIZE = 32
@@ -41,7 +42,7 @@ class Identity(Protocol):
 
 
 def hkdf32(ikm: memoryview | bytes, salt: bytes, info: bytes) -> SecretBytes:
-    return SecretBytes(HKDF(hashes.SHA256(), 32, salt=salt, info=info).derive(ikm))
+    return derive_secret(HKDF(hashes.SHA256(), 32, salt=salt, info=info), ikm, 32)
 
 
 def seal_stanza(type_: str, key_id: bytes, params: bytes, wrap_key: SecretBytes, file_key: SecretBytes, context: bytes) -> Stanza:
@@ -60,11 +61,16 @@ def open_stanza(stanza: Stanza, wrap_key: SecretBytes, context: bytes) -> Secret
     try:
         if len(stanza.body) != BODY_SIZE:
             raise FormatError(f"{stanza.type} stanza body must be {BODY_SIZE} bytes, got {len(stanza.body)}")
+        key = SecretBytes(bytes(FILE_KEY_SIZE))
         try:
-            key = AESGCM(wrap_key.view()).decrypt(stanza.body[:_NONCE], stanza.body[_NONCE:], stanza.aad(context))
+            AESGCM(wrap_key.view()).decrypt_into(stanza.body[:_NONCE], stanza.body[_NONCE:], stanza.aad(context), key.view())
         except InvalidTag:
+            key.wipe()
             return None
-        return SecretBytes(key)
+        except BaseException:
+            key.wipe()
+            raise
+        return key
     finally:
         wrap_key.wipe()
 

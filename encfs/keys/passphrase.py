@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from ..env import ARGON2_MAX_MEMORY_KIB, env_int
 from ..errors import FormatError
 from ..format import Stanza
+from ..kdf import derive_secret
 from ..secret import SecretBytes
 from .base import open_stanza, seal_stanza
 
@@ -93,7 +94,7 @@ class Passphrase:
     def _derive(self, salt: bytes, p: Argon2Params) -> SecretBytes:
         p.check()
         kdf = Argon2id(salt=salt, length=32, iterations=p.iterations, lanes=p.lanes, memory_cost=p.memory_kib)
-        return SecretBytes(kdf.derive(self._pass.view()))
+        return derive_secret(kdf, self._pass.view(), 32)
 
     def wrap(self, file_key: SecretBytes, context: bytes) -> Stanza:
         salt = os.urandom(SALT_SIZE)
