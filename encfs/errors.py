@@ -48,3 +48,12 @@ class TransactionError(EncfsError):
         super().__init__(message)
         self.committed = list(committed)
         self.failed = failed
+
+
+class FileChangedError(EncfsError, OSError):
+    """The file was replaced or rewritten while it was open for reading (an object store's
+    version check failed); reopen it to read the new version."""
+
+    def __init__(self, message: str, *, path: str = ""):
+        super().__init__(message)
+        self.path = path

@@ -13,15 +13,16 @@ first use instead of sharing the parent's file offset.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend
-from .errors import FormatError, IntegrityError
+from .errors import FileChangedError, FormatError, IntegrityError
 from .keys import KeyRing
 from .securemem import cleanse
 
@@ -136,12 +137,25 @@ class ChunkReader:
         if self._fd is not None:
             data = pread_exact(self._fd, offset, n)
         else:
-            with self._lock:
+            with self._lock, self._changed_under_us():
                 self._raw.seek(offset)
                 data = self._raw.read(n)
         if len(data) != n:
             raise FormatError(f"{self.name}: file shrank while reading (truncated at {offset + len(data)})")
         return data
+
+    @contextlib.contextmanager
+    def _changed_under_us(self) -> Iterator[None]:
+        """Turn an object store's "the object changed since it was opened" (s3fs's
+        ``FileExpired``: its ETag no longer matches) into encfs's ``FileChangedError``."""
+        try:
+            yield
+        except OSError as e:
+            if type(e).__name__ != "FileExpired":
+                raise
+            raise FileChangedError(
+                f"{self.name}: the file was replaced or rewritten while it was being read; open it again", path=self.name
+            ) from e
 
     def span(self, first: int, count: int) -> tuple[int, int]:
         """(ciphertext bytes, plaintext bytes) of chunks ``first .. first+count-1``."""

@@ -438,3 +438,23 @@ def test_no_key_derivation_returns_bytes(tmp_path, monkeypatch, keyref):
     fs.pipe_file(f"{tmp_path}/f", b"through every recipient type")
     for ref in (keyref, "passphrase:env:PW", ident):
         assert EncFileSystem(key=ref, skip_instance_cache=True).cat_file(f"{tmp_path}/f") == b"through every recipient type"
+
+
+# -- 14 (part). an object replaced while it is read is an encfs error -------------------------
+
+
+def test_s3_object_replaced_while_open_is_a_file_changed_error(s3, keyref):
+    from encfs import FileChangedError
+
+    s3fs_, bucket, _ = s3
+    fs = EncFileSystem(fs=s3fs_, key=keyref, skip_instance_cache=True)
+    old, new = os.urandom(6 << 20), os.urandom(6 << 20)
+    fs.pipe_file(f"{bucket}/x", old)
+    with fs.open(f"{bucket}/x", "rb") as f:
+        assert f.read(1000) == old[:1000]
+        fs.pipe_file(f"{bucket}/x", new)
+        with pytest.raises(FileChangedError, match="replaced or rewritten") as e:
+            f.seek(5 << 20)  # beyond the first read's window
+            f.read(1000)
+    assert e.value.path.endswith("/x") and isinstance(e.value, OSError)
+    assert fs.cat_file(f"{bucket}/x") == new
