@@ -9,14 +9,14 @@ and runs chunks in parallel. Both produce identical bytes. ``ENCFS_BACKEND`` pic
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import env
 from .cobblestone import CHUNK_SIZE, CT_CHUNK_SIZE, TAG_SIZE, chunk_count, chunk_nonce, span_chunk_count, span_plaintext_size
-from .errors import EncfsError, IntegrityError
+from .errors import ConfigError, EncfsError, IntegrityError
 
 
 class ChunkCipher(Protocol):
@@ -131,6 +131,7 @@ class PythonBackend:
 
 
 NATIVE_MIN_CHUNKS = 16
+BACKEND_NAMES = ("auto", "native", "python")
 """Spans this long (256 KiB) or longer go to the native backend under ``auto``.
 
 Measured here (AMD EPYC, 2 cores): pyca/cryptography bundles OpenSSL 4, whose AES-GCM opens a
@@ -190,24 +191,31 @@ def native_backend() -> CipherBackend | None:
 
 
 def get_backend(name: str | None = None) -> CipherBackend:
-    name = (name or os.environ.get("ENCFS_BACKEND") or "auto").lower()
+    """The cipher backend ``name`` (default ``$ENCFS_BACKEND``, else ``auto``), made once per
+    process. Bad ``ENCFS_BACKEND`` / ``ENCFS_NATIVE_MIN_CHUNKS`` values are ``ConfigError``s
+    (checked on every call, so a bad setting is reported, not silently ignored)."""
+    if name is None:
+        name = env.env_choice(env.BACKEND, "auto", BACKEND_NAMES)
+    else:
+        name = str(name).strip().lower() or "auto"
+        if name not in BACKEND_NAMES:
+            raise ConfigError(f"unknown cipher backend {name!r}; expected {', '.join(BACKEND_NAMES)}")
+    min_chunks = env.env_int(env.NATIVE_MIN_CHUNKS, NATIVE_MIN_CHUNKS, 0)
     if name in _BACKENDS:
         return _BACKENDS[name]
     if name == "python":
         backend: CipherBackend | None = PythonBackend()
-    elif name in ("native", "auto"):
+    else:
         native = native_backend()
         if native is None:
             if name == "native":
                 raise EncfsError("native backend requested but encfs._native is not built (see README: libssl-dev)")
             backend = PythonBackend()
-        elif name == "native" or os.environ.get("ENCFS_NATIVE_MIN_CHUNKS") == "0":
+        elif name == "native" or min_chunks == 0:
             backend = native
         elif getattr(native, "threads", 1) < 2:
             backend = PythonBackend()
         else:
-            backend = AutoBackend(native, int(os.environ.get("ENCFS_NATIVE_MIN_CHUNKS", NATIVE_MIN_CHUNKS)))
-    else:
-        raise EncfsError(f"unknown cipher backend {name!r}; expected auto, native or python")
+            backend = AutoBackend(native, min_chunks)
     _BACKENDS[name] = backend
     return backend

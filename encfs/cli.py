@@ -1,13 +1,22 @@
-"""The ``encfs`` command: keygen, pubkey, encrypt, decrypt, inspect, rewrap, doctor."""
+"""The ``encfs`` command: keygen, pubkey, encrypt, decrypt, inspect, rewrap, clean, doctor.
+
+Errors are one line on stderr and exit status 1 (``--debug`` for a traceback). A directory
+run is all-or-nothing: on failure every output it created is removed. Symlinks inside a
+source tree are skipped, never followed. Local outputs take the source file's permission bits."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import posixpath
+import stat
 import sys
-from typing import Any, Sequence
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Sequence
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -17,11 +26,12 @@ from . import __version__
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import get_backend
-from .errors import EncfsError
+from .errors import ConfigError, EncfsError, KeyReferenceError
 from .filesystem import EncFileSystem, copy_stream
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
 from .rewrap import rewrap
-from .sink import LocalSink, fill_atomically, open_sink
+from .sink import LocalSink, Sink, fill_atomically, is_temp_name, open_sink, temp_name
+from .writer import PayloadWriter
 
 
 def _keyring(args: argparse.Namespace) -> KeyRing:
@@ -34,11 +44,287 @@ def _progress(total: int | None, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None if enabled else True, leave=False)
 
 
-def _pairs(src_fs: Any, src: str, dst: str) -> list[tuple[str, str]]:
-    if src_fs.isdir(src):
-        base = src.rstrip("/")
-        return [(f, posixpath.join(dst, posixpath.relpath(f, base))) for f in sorted(src_fs.find(base))]
-    return [(src, dst)]
+def _warn(message: str) -> None:
+    print(f"encfs: warning: {message}", file=sys.stderr)
+
+
+STDIO = "-"
+"""As a source, stdin; as a destination, stdout. A file named '-' is written './-'."""
+
+
+@dataclass
+class _Item:
+    """One file of a run: its source path, its path relative to the source root ('' for a
+    single file), and the permission bits a local output takes (None: not known)."""
+
+    src: str
+    rel: str
+    mode: int | None = None
+    size: int | None = None
+
+
+@dataclass
+class _Tree:
+    """What a run reads: files, the directories between them, and what it refused to read."""
+
+    items: list[_Item] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    is_dir: bool = False
+
+
+def _scan_local(root: str) -> _Tree:
+    """Walk a local directory without following symlinks: symlinks (to files or directories)
+    and special files are skipped, so a run never reads outside the tree it was given, nor
+    blocks on a FIFO. encfs's own temporaries are skipped too."""
+    tree = _Tree(is_dir=True)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for ent in entries:
+            r = posixpath.join(rel, ent.name) if rel else ent.name
+            if ent.is_symlink():
+                tree.skipped.append((r, "symlink, not followed"))
+            elif is_temp_name(ent.name):
+                tree.skipped.append((r, "an unfinished encfs temporary file"))
+            elif ent.is_dir(follow_symlinks=False):
+                tree.dirs.append(r)
+                stack.append(r)
+            elif ent.is_file(follow_symlinks=False):
+                st = ent.stat(follow_symlinks=False)
+                tree.items.append(_Item(ent.path, r, st.st_mode & 0o777, st.st_size))
+            else:
+                tree.skipped.append((r, "not a regular file"))
+    tree.items.sort(key=lambda i: i.rel)
+    tree.dirs.sort()
+    return tree
+
+
+def _scan(fs: Any, src: str) -> _Tree:
+    """The files a run reads from ``src`` on ``fs``: one file, or a whole tree."""
+    if isinstance(fs, LocalFileSystem):
+        path = fs._strip_protocol(src)
+        if os.path.isdir(path):
+            return _scan_local(path)
+        st = os.stat(path)  # a file named explicitly may be a symlink or a pipe (<(cmd)): read it
+        regular = stat.S_ISREG(st.st_mode)
+        return _Tree([_Item(path, "", st.st_mode & 0o777 if regular else None, st.st_size if regular else None)])
+    if not fs.isdir(src):
+        return _Tree([_Item(src, "", None, fs.size(src))])
+    base = src.rstrip("/")
+    tree = _Tree(is_dir=True)
+    for name, info in sorted(fs.find(base, withdirs=True, detail=True).items()):
+        rel = posixpath.relpath(name, base)
+        if rel == ".":
+            continue
+        if is_temp_name(name):
+            tree.skipped.append((rel, "an unfinished encfs temporary file"))
+        elif info.get("type") == "directory":
+            tree.dirs.append(rel)
+        else:
+            tree.items.append(_Item(name, rel, None, info.get("size")))
+    return tree
+
+
+def _open_local_nofollow(path: str) -> BinaryIO:
+    """Open a file found by walking a tree; refuses if it was swapped for a symlink since."""
+    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)), "rb")
+
+
+class _StdoutSink:
+    """Ciphertext straight to stdout. ``abort`` cannot take back what was written, but a
+    stream cut short has no final chunk, so a reader refuses it (truncation is detected)."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._stream.write(data)
+        return len(data)
+
+    def commit(self) -> None:
+        self._stream.flush()
+
+    def abort(self) -> None:
+        pass
+
+
+class _Outputs:
+    """The outputs of one run, published all-or-nothing as far as storage allows.
+
+    Local disk: each file is written (atomically, with its mode) to a hidden staging file
+    beside its destination, and the staging files are renamed into place only after every
+    file succeeded. Other filesystems: each file is committed atomically as it is done.
+    ``rollback`` removes every output this run created (staging files, committed files that
+    did not exist before, directories it made that are now empty); files that were in the
+    destination before are left as they were."""
+
+    def __init__(self, fs: Any):
+        self.fs = fs
+        self.local = isinstance(fs, LocalFileSystem)
+        self.staged: list[tuple[str, str]] = []
+        self.created: list[str] = []
+        self.dirs: list[str] = []
+
+    def makedirs(self, path: str) -> None:
+        """Create ``path`` and missing parents, remembering which this run created."""
+        if self.local:
+            missing = []
+            p = os.path.abspath(path)
+            while not os.path.isdir(p):
+                missing.append(p)
+                parent = os.path.dirname(p)
+                if parent == p:
+                    break
+                p = parent
+            for d in reversed(missing):
+                os.mkdir(d)
+                self.dirs.append(d)
+        elif not self.fs.exists(path):
+            self.fs.makedirs(path, exist_ok=True)
+            self.dirs.append(path)
+
+    def sink(self, path: str, mode: int | None, staged: bool) -> Sink:
+        """An atomic sink for ``path``; ``staged`` defers publishing to ``publish()``."""
+        if self.local:
+            path = os.path.abspath(path)
+            if os.path.islink(path) and os.lstat(path).st_uid == os.getuid():
+                path = os.path.realpath(path)  # as LocalSink does: write at one's own link's target
+            if os.path.isdir(path):
+                raise EncfsError(f"{path}: is a directory")
+            self.makedirs(os.path.dirname(path))
+            if not staged:
+                return LocalSink(path, mode=mode)
+            stage = temp_name(path)
+            self.staged.append((stage, path))
+            return LocalSink(stage, mode=mode)
+        if not self.fs.exists(path):
+            self.created.append(path)
+        return open_sink(self.fs, path)
+
+    def publish(self) -> None:
+        """Rename every staging file into place (local disk), then sync their directories."""
+        parents = set()
+        while self.staged:
+            stage, path = self.staged[0]
+            existed = os.path.lexists(path)
+            os.replace(stage, path)
+            self.staged.pop(0)
+            if not existed:
+                self.created.append(path)
+            parents.add(os.path.dirname(path))
+        for d in parents:
+            _fsync_dir(d)
+
+    def rollback(self) -> int:
+        """Remove what this run created; returns how many output files were removed."""
+        removed = 0
+        for stage, _ in self.staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stage)
+        self.staged.clear()
+        for path in self.created:
+            try:
+                if self.local:
+                    os.unlink(path)
+                else:
+                    self.fs.rm_file(path)
+                removed += 1
+            except (FileNotFoundError, OSError):
+                pass
+        self.created.clear()
+        for d in reversed(self.dirs):
+            with contextlib.suppress(OSError):
+                os.rmdir(d) if self.local else self.fs.rmdir(d)
+        self.dirs.clear()
+        return removed
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _seal(sink: Sink, enc: EncFileSystem, src: BinaryIO, progress: Callable[[int], Any]) -> None:
+    """Encrypt ``src`` into ``sink``; it is committed only if everything was read and sealed."""
+    writer = PayloadWriter(sink, enc.keyring, enc.backend)
+    done = False
+    try:
+        copy_stream(src, writer, progress)
+        writer.close()
+        done = True
+    finally:
+        if not done:
+            with contextlib.suppress(Exception):
+                writer.abort()
+
+
+def _destination(dst_fs: Any, dst: str, tree: _Tree, src: str) -> str:
+    """Where a single file goes: ``dst``, or inside it when ``dst`` is a directory (like cp)."""
+    if tree.is_dir or not dst_fs.isdir(dst):
+        return dst
+    return posixpath.join(dst, posixpath.basename(src.rstrip("/")))
+
+
+CopyOne = Callable[[_Item, Sink, Callable[[int], Any]], None]
+
+
+def _run(verb: str, tree: _Tree, dst_fs: Any, dst: str, copy_one: CopyOne, progress: bool, total: int | None) -> int:
+    """Copy every item of ``tree`` to ``dst`` with ``copy_one``: all outputs, or (on any error
+    or interrupt) none of this run's outputs; then one summary line on stderr."""
+    for rel, why in tree.skipped:
+        _warn(f"skipped {rel}: {why}")
+    out = _Outputs(dst_fs)
+    join = os.path.join if out.local else posixpath.join
+    failure = ""
+    current = dst
+    written = nbytes = 0
+
+    def count(n: int) -> None:
+        nonlocal nbytes
+        nbytes += n
+        bar.update(n)
+
+    try:
+        try:
+            if tree.is_dir:
+                out.makedirs(dst)
+                for d in tree.dirs:
+                    out.makedirs(join(dst, d))
+            with _progress(total, verb, progress) as bar:
+                for item in tree.items:
+                    current = item.rel or item.src
+                    target = join(dst, item.rel) if item.rel else dst
+                    copy_one(item, out.sink(target, item.mode, staged=tree.is_dir), count)
+                    written += 1
+            current = dst
+            out.publish()
+        except (KeyReferenceError, ConfigError) as e:
+            failure = str(e)  # about the keys or settings, not about the file at hand
+        except (EncfsError, OSError) as e:
+            failure = f"{current}: {e}"
+    except BaseException:
+        out.rollback()
+        raise
+    if failure:
+        removed = out.rollback()
+        note = f" (nothing written; removed {removed} output file(s) this run had published)" if tree.is_dir else ""
+        if tree.is_dir and not removed:
+            note = " (nothing written to the destination)"
+        raise EncfsError(f"{verb} failed: {failure}{note}")
+    skipped = f"; skipped {len(tree.skipped)} (see warnings)" if tree.skipped else ""
+    print(f"{verb}ed {written} file(s), {nbytes} bytes{skipped}", file=sys.stderr)
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -70,42 +356,110 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
-    dst_fs, dst = url_to_fs(args.dst)
-    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None)
-    if args.src == "-":
-        with enc.open(dst, "wb") as w, _progress(None, "encrypt", args.progress) as bar:
-            copy_stream(sys.stdin.buffer, w, bar.update)
+    enc = EncFileSystem(key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
+    if args.dst == STDIO:
+        if sys.stdout.isatty():
+            raise EncfsError("refusing to write ciphertext to a terminal: redirect stdout, or name an output file ('./-' for a file named '-')")
+        if args.src == STDIO:
+            _seal(_StdoutSink(sys.stdout.buffer), enc, sys.stdin.buffer, lambda n: None)
+            return 0
+        src_fs, src = url_to_fs(args.src)
+        tree = _scan(src_fs, src)
+        if tree.is_dir:
+            raise EncfsError(f"{args.src} is a directory: write a tree to a directory, not to stdout")
+        with _open_source(src_fs, tree.items[0]) as r:
+            _seal(_StdoutSink(sys.stdout.buffer), enc, r, lambda n: None)
         return 0
-    src_fs, src = url_to_fs(args.src)
-    pairs = _pairs(src_fs, src, dst)
-    total = sum(src_fs.size(s) for s, _ in pairs)
-    with _progress(total, "encrypt", args.progress) as bar:
-        for s, d in pairs:
-            with src_fs.open(s, "rb") as r, enc.open(d, "wb") as w:
-                copy_stream(r, w, bar.update)
-    print(f"encrypted {len(pairs)} file(s), {total} bytes", file=sys.stderr)
-    return 0
+    dst_fs, dst = url_to_fs(args.dst)
+    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
+    if args.src == STDIO:
+        tree = _Tree([_Item(STDIO, "")])
+        total = None
+    else:
+        src_fs, src = url_to_fs(args.src)
+        tree = _scan(src_fs, src)
+        dst = _destination(dst_fs, dst, tree, src)
+        sizes = [i.size for i in tree.items]
+        total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+
+    def copy_one(item: _Item, sink: Sink, progress: Callable[[int], Any]) -> None:
+        if item.src == STDIO:
+            _seal(sink, enc, sys.stdin.buffer, progress)
+            return
+        try:
+            r = _open_source(src_fs, item, nofollow=tree.is_dir)
+        except BaseException:
+            sink.abort()
+            raise
+        with r:
+            _seal(sink, enc, r, progress)
+
+    return _run("encrypt", tree, dst_fs, dst, copy_one, args.progress, total)
+
+
+def _open_source(fs: Any, item: _Item, nofollow: bool = False) -> BinaryIO:
+    if isinstance(fs, LocalFileSystem):
+        return _open_local_nofollow(item.src) if nofollow else open(item.src, "rb")
+    return fs.open(item.src, "rb")
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
-    src_fs, src = url_to_fs(args.src)
-    enc = EncFileSystem(fs=src_fs, key=args.key or None, identities=args.identity or None, allow_plaintext=args.allow_plaintext)
-    if args.dst == "-":
-        with enc.open(src, "rb") as r, _progress(r.size, "decrypt", args.progress) as bar:
-            copy_stream(r, sys.stdout.buffer, bar.update)
-        return 0
-    dst_fs, dst = url_to_fs(args.dst)
-    pairs = _pairs(enc, src, dst)
-    total = sum(enc.size(s) for s, _ in pairs)
-    with _progress(total, "decrypt", args.progress) as bar:
-        for s, d in pairs:
-            if isinstance(dst_fs, LocalFileSystem):
-                enc.get_file(s, d)
-                bar.update(enc.size(s))
-                continue
-            with enc.open(s, "rb") as r:
-                fill_atomically(open_sink(dst_fs, d), lambda sink: copy_stream(r, sink, bar.update))
-    print(f"decrypted {len(pairs)} file(s), {total} bytes", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        src_arg = args.src
+        if src_arg == STDIO:
+            # Reading needs random access (the header, then chunks): spool stdin to a private
+            # temporary file first. It holds ciphertext only.
+            tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="encfs-stdin-"))
+            src_arg = os.path.join(tmpdir, "stdin.enc")
+            with open(src_arg, "wb") as f:
+                copy_stream(sys.stdin.buffer, f, lambda n: None)
+        src_fs, src = url_to_fs(src_arg)
+        enc = EncFileSystem(fs=src_fs, key=args.key or None, identities=args.identity or None, allow_plaintext=args.allow_plaintext, skip_instance_cache=True)
+        tree = _scan(src_fs, src)
+        if args.dst == STDIO:
+            if tree.is_dir:
+                raise EncfsError(f"{args.src} is a directory: decrypt a tree to a directory, not to stdout")
+            with enc.open(src, "rb") as r, _progress(r.size, "decrypt", args.progress) as bar:
+                copy_stream(r, sys.stdout.buffer, bar.update)
+            sys.stdout.buffer.flush()
+            return 0
+        dst_fs, dst = url_to_fs(args.dst)
+        dst = _destination(dst_fs, dst, tree, src)
+        local = isinstance(src_fs, LocalFileSystem)
+
+        def copy_one(item: _Item, sink: Sink, progress: Callable[[int], Any]) -> None:
+            try:
+                if local and tree.is_dir and stat.S_ISLNK(os.lstat(item.src).st_mode):
+                    raise EncfsError(f"{item.src}: became a symlink while the tree was read; not followed")
+                r = enc.open(item.src, "rb")
+            except BaseException:
+                sink.abort()
+                raise
+            with r:
+                fill_atomically(sink, lambda k: copy_stream(r, k, progress))
+
+        return _run("decrypt", tree, dst_fs, dst, copy_one, args.progress, None)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Remove encfs temporaries that killed writers left behind (``sink.remove_stale_temporaries``)."""
+    try:
+        from .sink import remove_stale_temporaries  # type: ignore[attr-defined]
+    except ImportError:
+        raise EncfsError("this encfs has no encfs.sink.remove_stale_temporaries; 'clean' is unavailable") from None
+    fs, path = url_to_fs(args.path)
+    if not fs.isdir(path):
+        raise EncfsError(f"{args.path}: not a directory")
+    dirs = [path]
+    if args.recursive:
+        if isinstance(fs, LocalFileSystem):
+            dirs = [d for d, _, _ in os.walk(fs._strip_protocol(path), followlinks=False)]
+        else:
+            dirs += [n for n, i in fs.find(path, withdirs=True, detail=True).items() if i.get("type") == "directory"]
+    removed = [name for d in dirs for name in remove_stale_temporaries(fs, d, older_than=args.older_than)]
+    for name in removed:
+        print(name)
+    print(f"removed {len(removed)} stale encfs temporary file(s) older than {args.older_than:g} s", file=sys.stderr)
     return 0
 
 
@@ -204,10 +558,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="encfs", description="Encrypted files for ML data (Cobblestone-256 / AES-256-GCM).")
     p.add_argument("--version", action="version", version=f"encfs {__version__}")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
 
     def keys(sp: argparse.ArgumentParser, recipient: bool = False, identity: bool = False) -> None:
         sp.add_argument("-k", "--key", action="append", default=[], help="key reference for both directions (repeatable; default $ENCFS_KEY)")
@@ -216,33 +583,34 @@ def build_parser() -> argparse.ArgumentParser:
         if identity:
             sp.add_argument("-i", "--identity", action="append", default=[], help="decrypt with this reference (repeatable)")
 
-    sp = sub.add_parser("keygen", help="create a symmetric key or an X25519 identity")
+    sp = sub.add_parser("keygen", parents=[common], help="create a symmetric key or an X25519 identity")
     sp.add_argument("-o", "--output", help="key file to create (mode 0600); default stdout")
     sp.add_argument("--x25519", action="store_true", help="make an X25519 identity; its public key goes to stderr")
     sp.add_argument("--force", action="store_true", help="overwrite an existing key file")
     sp.set_defaults(func=cmd_keygen)
 
-    sp = sub.add_parser("pubkey", help="print the x25519: public reference of an identity file")
+    sp = sub.add_parser("pubkey", parents=[common], help="print the x25519: public reference of an identity file")
     sp.add_argument("identity", help="identity file path or reference")
     sp.set_defaults(func=cmd_pubkey)
 
     for name, func, help_ in (("encrypt", cmd_encrypt, "encrypt a file or directory tree"), ("decrypt", cmd_decrypt, "decrypt a file or directory tree")):
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, parents=[common], help=help_)
         keys(sp, recipient=name == "encrypt", identity=name == "decrypt")
-        sp.add_argument("src", help="path or fsspec URL ('-' for stdin)" if name == "encrypt" else "path or fsspec URL of ciphertext")
-        sp.add_argument("dst", help="path or fsspec URL of ciphertext" if name == "encrypt" else "path or fsspec URL ('-' for stdout)")
+        what_src, what_dst = ("plaintext", "ciphertext") if name == "encrypt" else ("ciphertext", "plaintext")
+        sp.add_argument("src", help=f"{what_src}: file, directory tree or fsspec URL; '-' for stdin (symlinks inside a tree are skipped, never followed)")
+        sp.add_argument("dst", help=f"{what_dst}: file, directory or fsspec URL; '-' for stdout ('./-' names a file '-')")
         sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
         if name == "decrypt":
             sp.add_argument("--allow-plaintext", action="store_true", help="pass through files that are not encfs files")
         sp.set_defaults(func=func)
 
-    sp = sub.add_parser("inspect", help="show header, recipients and sizes (no secrets)")
+    sp = sub.add_parser("inspect", parents=[common], help="show header, recipients and sizes (no secrets)")
     keys(sp, identity=True)
     sp.add_argument("paths", nargs="+")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_inspect)
 
-    sp = sub.add_parser("rewrap", help="add/remove recipients without re-encrypting data")
+    sp = sub.add_parser("rewrap", parents=[common], help="add/remove recipients without re-encrypting data")
     keys(sp, identity=True)
     sp.add_argument("--add", action="append", default=[], help="reference of a recipient to add (repeatable)")
     sp.add_argument("--remove", action="append", default=[], help="stanza to remove: 'type:keyid' or key id hex (repeatable)")
@@ -250,22 +618,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="+")
     sp.set_defaults(func=cmd_rewrap)
 
-    sp = sub.add_parser("doctor", help="which cipher backend is active; whether memory locking works")
+    sp = sub.add_parser("clean", parents=[common], help="remove temporaries left by killed encfs writers")
+    sp.add_argument("path", metavar="DIR_OR_URL", help="directory or fsspec URL")
+    sp.add_argument("-r", "--recursive", action="store_true", help="also every directory below it (symlinks not followed)")
+    sp.add_argument("--older-than", type=_seconds, default=3600.0, metavar="SECONDS", help="only temporaries older than this (default 3600)")
+    sp.set_defaults(func=cmd_clean)
+
+    sp = sub.add_parser("doctor", parents=[common], help="which cipher backend is active; whether memory locking works")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_doctor)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI. Every error is one line ``encfs: error: ...`` and exit status 1 (130 on
+    Ctrl-C); ``--debug`` shows the traceback instead. Messages never carry key material."""
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return args.func(args)
-    except (EncfsError, OSError) as e:
-        print(f"encfs: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("encfs: interrupted", file=sys.stderr)
         return 130
+    except (EncfsError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"encfs: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if debug:
+            raise
+        print(f"encfs: error: unexpected {type(e).__name__}: {_one_line(e)} (run with --debug for a traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

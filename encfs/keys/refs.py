@@ -16,7 +16,7 @@ import binascii
 import getpass
 import os
 import re
-from pathlib import Path
+import stat
 from typing import Iterable, Union
 
 from ..errors import FormatError, KeyReferenceError, NoMatchingKeyError
@@ -72,31 +72,230 @@ def key_file_text(key: SymmetricKey | X25519Identity) -> str:
     return f"# encfs symmetric key. Keep secret.\n{KEY_PREFIX}{b64encode(key.secret.view())}\n"
 
 
-def parse_key_text(text: str, source: str) -> SymmetricKey | X25519Identity:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if len(lines) != 1:
-        raise KeyReferenceError(f"{source}: expected exactly one key line, found {len(lines)}")
-    line = lines[0]
-    if line.startswith(KEY_PREFIX):
-        return SymmetricKey(SecretBytes.take(b64decode32(line[len(KEY_PREFIX) :], f"{source}: key")), source)
-    if line.startswith(IDENTITY_PREFIX):
-        raw = b64decode32(line[len(IDENTITY_PREFIX) :], f"{source}: identity")
-        return X25519Identity(SecretBytes.take(raw), source)
-    raise KeyReferenceError(f"{source}: not an encfs key file (expected '{KEY_PREFIX}...' or '{IDENTITY_PREFIX}...')")
+MAX_KEY_FILE_BYTES = 64 * 1024
+"""Key files and passphrase files larger than this are refused (a key file is ~100 bytes)."""
+
+_KEY_PREFIX_B = KEY_PREFIX.encode("ascii")
+_IDENTITY_PREFIX_B = IDENTITY_PREFIX.encode("ascii")
+_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_B64URL_VALUE = [-1] * 256
+for _i, _c in enumerate(_B64URL_ALPHABET):
+    _B64URL_VALUE[_c] = _i
+del _i, _c
+_BLANK = frozenset(b" \t\x0b\x0c")
+_EOL = frozenset(b"\r\n")
 
 
-def _read_text(path: str, source: str) -> str:
+def _wipe(buf: bytearray | None) -> None:
+    if buf is not None:
+        buf[:] = bytes(len(buf))
+
+
+def _b64url32_into(buf: bytearray, start: int, end: int, out: bytearray) -> bool:
+    """Decode ``buf[start:end]``, which must be 43 characters of canonical unpadded base64url,
+    into the 32-byte ``out``, without making any immutable copy of the text or the key.
+    Returns False (``out`` zeroed) when it is not; the caller raises, so no exception is
+    created while key material is in scope here."""
+    if end - start != 43 or len(out) != 32:
+        return False
+    acc = bits = j = 0
+    ok = True
+    for i in range(start, end):
+        v = _B64URL_VALUE[buf[i]]
+        if v < 0:
+            ok = False
+            break
+        acc = ((acc << 6) | v) & 0xFFFF
+        bits += 6
+        if bits >= 8:
+            bits -= 8
+            out[j] = (acc >> bits) & 0xFF
+            j += 1
+    # 43 characters carry 258 bits: 32 bytes and 2 bits that canonical encoding leaves at zero.
+    ok = ok and j == 32 and bits == 2 and acc & 0b11 == 0
+    acc = v = 0
+    if not ok:
+        _wipe(out)
+    return ok
+
+
+def _content_lines(buf: bytearray) -> tuple[list[tuple[int, int]], int, str]:
+    """``(start, end)`` of each line of ``buf`` that is neither blank nor a ``#`` comment,
+    surrounding blanks stripped; plus the number and a description of the first line that is
+    not text (0 and "" when all are). Only offsets leave this function, never bytes."""
+    lines: list[tuple[int, int]] = []
+    bad_line, why = 0, ""
+    n, pos, lineno = len(buf), 0, 0
+    while pos < n:
+        end = pos
+        while end < n and buf[end] not in _EOL:
+            end += 1
+        nxt = end + 1
+        if buf[end:nxt] == b"\r" and buf[nxt:nxt + 1] == b"\n":
+            nxt += 1
+        lineno += 1
+        s, e = pos, end
+        while s < e and buf[s] in _BLANK:
+            s += 1
+        while e > s and buf[e - 1] in _BLANK:
+            e -= 1
+        pos = nxt
+        if s == e:
+            continue
+        if buf[s] == 0x23:  # '#': a comment, which may be any UTF-8 text and holds no key
+            valid = True
+            try:
+                str(memoryview(buf)[s:e], "utf-8")
+            except UnicodeDecodeError:
+                valid = False
+            if not valid and not bad_line:
+                bad_line, why = lineno, "is not UTF-8 text"
+            continue
+        if not bad_line and (0 in memoryview(buf)[s:e] or max(memoryview(buf)[s:e]) >= 0x80):
+            bad_line, why = lineno, "holds binary or non-ASCII bytes"
+        lines.append((s, e))
+    return lines, bad_line, why
+
+
+def _parse_key_buffer(buf: bytearray, source: str) -> SymmetricKey | X25519Identity:
+    """Parse key-file bytes (docs/FORMAT.md §5). The caller owns and wipes ``buf``.
+
+    Errors are raised only after the decoded key buffer is wiped, outside any ``except``
+    block (no ``__context__``), and name ``source``, never content."""
+    problem = ""
+    raw = bytearray(32)
+    kind = ""
     try:
-        return Path(path).expanduser().read_text(encoding="utf-8")
-    except OSError as e:
-        raise KeyReferenceError(f"{source}: cannot read key file: {e.strerror or e}") from None
+        lines, bad_line, why = _content_lines(buf)
+        if bad_line:
+            problem = f"not an encfs key file: line {bad_line} {why}"
+        elif len(lines) != 1:
+            problem = f"expected exactly one key line, found {len(lines)}"
+        else:
+            s, e = lines[0]
+            if buf.startswith(_KEY_PREFIX_B, s, e):
+                kind, s = "key", s + len(_KEY_PREFIX_B)
+            elif buf.startswith(_IDENTITY_PREFIX_B, s, e):
+                kind, s = "identity", s + len(_IDENTITY_PREFIX_B)
+            else:
+                problem = f"not an encfs key file (expected '{KEY_PREFIX}...' or '{IDENTITY_PREFIX}...')"
+            if kind and not _b64url32_into(buf, s, e, raw):
+                problem = f"{kind} must be 43 characters of canonical unpadded base64url (32 bytes)"
+        if not problem:
+            secret = SecretBytes.take(raw)
+            return SymmetricKey(secret, source) if kind == "key" else X25519Identity(secret, source)
+    finally:
+        _wipe(raw)
+    raise KeyReferenceError(f"{source}: {problem}")
 
 
-def _env(name: str, source: str) -> str:
-    value = os.environ.get(name)
-    if not name or value is None:
+def parse_key_text(text: str, source: str) -> SymmetricKey | X25519Identity:
+    """Parse the text of a key file; ``source`` names it in errors (never its content)."""
+    buf = bytearray(text, "utf-8")
+    try:
+        return _parse_key_buffer(buf, source)
+    finally:
+        _wipe(buf)
+
+
+def _read_secret_file(path: str, source: str, what: str = "key file") -> bytearray:
+    """The bytes of a key or passphrase file, at most ``MAX_KEY_FILE_BYTES``, in a bytearray
+    the caller wipes. Every failure is a ``KeyReferenceError`` naming ``source``: unknown
+    ``~user``, missing file, a directory, unreadable, too large."""
+    problem = ""
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        problem = f"cannot expand {expanded.split('/', 1)[0]!r} (no such user or no home directory)"
+    fd = -1
+    if not problem:
+        try:
+            fd = os.open(expanded, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            problem = f"cannot read {what}: {e.strerror or type(e).__name__}"
+    if problem:
+        raise KeyReferenceError(f"{source}: {problem}")
+    buf = bytearray(MAX_KEY_FILE_BYTES + 1)
+    n = 0
+    try:
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                problem = f"cannot read {what}: it is a directory"
+            else:
+                with memoryview(buf) as mv:
+                    while n < len(buf):
+                        got = os.readv(fd, [mv[n:]])
+                        if not got:
+                            break
+                        n += got
+        except OSError as e:
+            problem = f"cannot read {what}: {e.strerror or type(e).__name__}"
+        finally:
+            os.close(fd)
+        if not problem and n > MAX_KEY_FILE_BYTES:
+            problem = f"larger than {MAX_KEY_FILE_BYTES // 1024} KiB, the limit for a {what}"
+        if not problem:
+            return buf[:n]
+    finally:
+        _wipe(buf)
+    raise KeyReferenceError(f"{source}: {problem}")
+
+
+def _env_bytes(name: str, source: str) -> bytearray:
+    """The value of environment variable ``name`` as a bytearray the caller wipes."""
+    value = None
+    if name and "=" not in name and "\0" not in name:
+        environb = getattr(os, "environb", None)
+        if environb is not None:
+            value = environb.get(os.fsencode(name))
+        else:  # pragma: no cover - Windows has no os.environb
+            text = os.environ.get(name)
+            value = None if text is None else text.encode("utf-8")
+    if value is None:
         raise KeyReferenceError(f"{source}: environment variable {name!r} is not set")
-    return value
+    return bytearray(value)
+
+
+def _load_key_file(buf: bytearray, source: str) -> SymmetricKey | X25519Identity:
+    try:
+        return _parse_key_buffer(buf, source)
+    finally:
+        _wipe(buf)
+
+
+def _checked_passphrase(buf: bytearray, source: str) -> bytearray:
+    """``buf`` if it is UTF-8 text (as a typed passphrase is); else wipe it and refuse."""
+    valid = True
+    try:
+        str(buf, "utf-8")
+    except UnicodeDecodeError:
+        valid = False
+    if valid:
+        return buf
+    _wipe(buf)
+    raise KeyReferenceError(f"{source}: passphrase is not UTF-8 text")
+
+
+def _first_line_passphrase(buf: bytearray, source: str) -> bytearray:
+    """The first line of ``buf`` (without its line break) as a new bytearray; ``buf`` is
+    wiped. Refuses text that is not UTF-8 (it would not match a typed passphrase)."""
+    problem = ""
+    try:
+        end = buf.find(b"\n")
+        end = len(buf) if end < 0 else end
+        if end and buf[end - 1] == 0x0D:
+            end -= 1
+        valid = True
+        try:
+            str(memoryview(buf)[:end], "utf-8")
+        except UnicodeDecodeError:
+            valid = False
+        if not valid:
+            problem = "passphrase is not UTF-8 text"
+        else:
+            return buf[:end]
+    finally:
+        _wipe(buf)
+    raise KeyReferenceError(f"{source}: {problem}")
 
 
 def load_reference(ref: str) -> KeyObject:
@@ -109,22 +308,21 @@ def load_reference(ref: str) -> KeyObject:
     if scheme == "keyfile":
         if rest.startswith(("encfs-key-v1:", "encfs-x25519-identity-v1:")):
             raise KeyReferenceError("keyfile: takes a path, and this looks like key material; never put keys in references")
-        return parse_key_text(_read_text(rest, ref), ref)
+        return _load_key_file(_read_secret_file(rest, ref), ref)
     if scheme == "env":
-        return parse_key_text(_env(rest, ref), ref)
+        return _load_key_file(_env_bytes(rest, ref), ref)
     if scheme == "x25519":
         return X25519Recipient(bytes(b64decode32(rest, "x25519: public key")), ref)
     if scheme == "passphrase":
         kind, _, arg = rest.partition(":")
         if kind == "env":
-            text = _env(arg, ref)
+            raw = _checked_passphrase(_env_bytes(arg, ref), ref)
         elif kind == "file":
-            text = _read_text(arg, ref).split("\n", 1)[0].removesuffix("\r")
+            raw = _first_line_passphrase(_read_secret_file(arg, ref, "passphrase file"), ref)
         elif kind == "prompt" and not arg:
-            text = getpass.getpass("encfs passphrase: ")
+            raw = bytearray(getpass.getpass("encfs passphrase: ").encode("utf-8"))
         else:
             raise KeyReferenceError("malformed passphrase reference: use passphrase:env:NAME, passphrase:file:PATH or passphrase:prompt")
-        raw = bytearray(text.encode("utf-8"))
         if not raw:
             raise KeyReferenceError(f"{ref}: empty passphrase")
         return Passphrase(SecretBytes.take(raw), ref)
