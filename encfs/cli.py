@@ -165,6 +165,7 @@ class _Outputs:
         self.fs = fs
         self.local = isinstance(fs, LocalFileSystem)
         self.staged: list[tuple[str, str]] = []
+        self.held: list[LocalSink] = []
         self.created: list[str] = []
         self.dirs: list[str] = []
 
@@ -199,7 +200,9 @@ class _Outputs:
                 return LocalSink(path, mode=mode)
             stage = temp_name(path)
             self.staged.append((stage, path))
-            return LocalSink(stage, mode=mode)
+            sink = LocalSink(stage, mode=mode, hold=True)  # locked until published: never "stale"
+            self.held.append(sink)
+            return sink
         if not self.fs.exists(path):
             self.created.append(path)
         return open_sink(self.fs, path)
@@ -217,6 +220,12 @@ class _Outputs:
             parents.add(os.path.dirname(path))
         for d in parents:
             _fsync_dir(d)
+        self._release()
+
+    def _release(self) -> None:
+        while self.held:
+            with contextlib.suppress(OSError):
+                self.held.pop().release()
 
     def rollback(self) -> int:
         """Remove what this run created; returns how many output files were removed."""
@@ -225,6 +234,7 @@ class _Outputs:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stage)
         self.staged.clear()
+        self._release()
         for path in self.created:
             try:
                 if self.local:

@@ -63,9 +63,10 @@ class LocalSink:
     the permission bits of the regular file it replaces, else the umask default; never a
     symlink's. A destination that is a symlink owned by the current user is written at its
     target; anyone else's symlink is replaced, never followed (a planted link must not
-    redirect a write)."""
+    redirect a write). ``hold=True`` keeps the lock after commit until ``release()``."""
 
-    def __init__(self, path: str, exclusive: bool = False, mode: int | None = None):
+    def __init__(self, path: str, exclusive: bool = False, mode: int | None = None, hold: bool = False):
+        self._hold = hold
         if os.path.islink(path) and os.lstat(path).st_uid == os.getuid():
             path = os.path.realpath(path)
         self.path = os.path.abspath(path)
@@ -95,7 +96,8 @@ class LocalSink:
             self._link_exclusive()
         else:
             os.replace(self.tmp, self.path)
-        self._f.close()
+        if not self._hold:
+            self._f.close()
         try:
             dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         except OSError:
@@ -118,6 +120,11 @@ class LocalSink:
             os.replace(self.tmp, self.path)
         else:
             os.unlink(self.tmp)
+
+    def release(self) -> None:
+        """Drop the lock a ``hold=True`` sink keeps on its committed file (a staging file that
+        must not look stale to another process's clean-up until it is renamed into place)."""
+        self._f.close()
 
     def abort(self) -> None:
         """Remove the temporary file, even when closing it fails (a full disk fails the flush)."""

@@ -458,3 +458,20 @@ def test_s3_object_replaced_while_open_is_a_file_changed_error(s3, keyref):
             f.read(1000)
     assert e.value.path.endswith("/x") and isinstance(e.value, OSError)
     assert fs.cat_file(f"{bucket}/x") == new
+
+
+def test_cli_staging_files_are_never_taken_for_stale(tmp_path):
+    """A directory run stages outputs under temporary names until every file succeeded; a
+    clean-up by another process meanwhile must not remove them (they stay locked)."""
+    import fsspec.implementations.local as local
+
+    from encfs.cli import _Outputs
+    from encfs.sink import fill_atomically, remove_stale_temporaries
+
+    out = _Outputs(local.LocalFileSystem())
+    sink = out.sink(f"{tmp_path}/out/a", 0o600, staged=True)
+    fill_atomically(sink, lambda s: s.write(b"staged"))
+    _age(f"{tmp_path}/out", 3600)
+    assert remove_stale_temporaries(None, f"{tmp_path}/out") == []
+    out.publish()
+    assert open(f"{tmp_path}/out/a", "rb").read() == b"staged" and not _leftovers(f"{tmp_path}/out")
