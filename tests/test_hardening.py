@@ -475,3 +475,36 @@ def test_cli_staging_files_are_never_taken_for_stale(tmp_path):
     assert remove_stale_temporaries(None, f"{tmp_path}/out") == []
     out.publish()
     assert open(f"{tmp_path}/out/a", "rb").read() == b"staged" and not _leftovers(f"{tmp_path}/out")
+
+
+# -- 6. what the format does not promise, shown (SECURITY.md, "What encfs does not protect") ----
+# These pass because the gaps exist; the signed-manifest work closes them, and then these
+# tests change into refusals.
+
+
+def test_gap_two_whole_files_under_the_same_key_can_be_swapped(enc):
+    fs, root = enc
+    fs.pipe_file(f"{root}/a", b"labels for shard a")
+    fs.pipe_file(f"{root}/b", b"labels for shard b")
+    a, b = open(f"{root}/a", "rb").read(), open(f"{root}/b", "rb").read()
+    open(f"{root}/a", "wb").write(b)
+    open(f"{root}/b", "wb").write(a)
+    assert fs.cat_file(f"{root}/a") == b"labels for shard b"  # authentic, but not this path's
+
+
+def test_gap_a_file_can_be_rolled_back_to_an_older_ciphertext(enc):
+    fs, root = enc
+    fs.pipe_file(f"{root}/model", b"weights v1")
+    v1 = open(f"{root}/model", "rb").read()
+    fs.pipe_file(f"{root}/model", b"weights v2")
+    open(f"{root}/model", "wb").write(v1)
+    assert fs.cat_file(f"{root}/model") == b"weights v1"
+
+
+def test_gap_a_public_key_holder_can_write_files_the_identity_reads_as_authentic(tmp_path):
+    from encfs.keys import load_reference, public_reference
+
+    ident_ref = write_key(tmp_path / "id.key", x25519=True)
+    public = public_reference(load_reference(ident_ref).recipient.public)
+    EncFileSystem(recipients=public, skip_instance_cache=True).pipe_file(f"{tmp_path}/forged", b"poisoned shard")
+    assert EncFileSystem(identities=ident_ref, skip_instance_cache=True).cat_file(f"{tmp_path}/forged") == b"poisoned shard"
