@@ -508,3 +508,39 @@ def test_gap_a_public_key_holder_can_write_files_the_identity_reads_as_authentic
     public = public_reference(load_reference(ident_ref).recipient.public)
     EncFileSystem(recipients=public, skip_instance_cache=True).pipe_file(f"{tmp_path}/forged", b"poisoned shard")
     assert EncFileSystem(identities=ident_ref, skip_instance_cache=True).cat_file(f"{tmp_path}/forged") == b"poisoned shard"
+
+
+# -- memory: what SECURITY.md says about locked, dump-excluded buffers -------------------------
+
+
+def _vm_flags(addr: int) -> set[str]:
+    """The VmFlags of the mapping holding ``addr``, from /proc/self/smaps."""
+    flags: set[str] = set()
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                flags = set(line.split()[1:])
+    return flags
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps (Linux)")
+def test_key_and_window_memory_is_locked_and_left_out_of_core_dumps(enc):
+    from encfs.securemem import buffer_address
+
+    fs, root = enc
+    fs.pipe_file(f"{root}/f", os.urandom(100_000))
+    with fs.open(f"{root}/f", "rb") as f:
+        f.read(10)
+        window = f._win
+        key = f._r._keys.key
+        for addr in (buffer_address(window), buffer_address(key._arr)):
+            flags = _vm_flags(addr)
+            assert "dd" in flags, "excluded from core dumps"
+            if window.locked:
+                assert "lo" in flags, "locked in RAM"
+    assert window.released and key.wiped
