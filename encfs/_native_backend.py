@@ -17,10 +17,14 @@ needs ~3 us, so below 16 chunks PythonBackend is faster (1 chunk: 4.9 vs 3.4 GB/
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
-from . import securemem
+from . import env, securemem
 from ._native import ffi, lib
 from .cobblestone import CHUNK_SIZE, KEY_SIZE, NONCE_SIZE, TAG_SIZE, span_chunk_count
 from .errors import EncfsError, FormatError, IntegrityError
@@ -42,17 +46,9 @@ def usable_cpus() -> int:
 
 
 def default_threads() -> int:
-    """``ENCFS_THREADS`` when set, else ``usable_cpus()``."""
-    env = os.environ.get("ENCFS_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"ENCFS_THREADS must be a positive integer, got {env!r}")
-        return min(n, lib.ENCFS_MAX_THREADS)
-    return min(usable_cpus(), lib.ENCFS_MAX_THREADS)
+    """``ENCFS_THREADS`` when set (an integer >= 1, else ConfigError), else ``usable_cpus()``;
+    at most ENCFS_MAX_THREADS."""
+    return min(env.env_int(env.THREADS, usable_cpus(), 1), lib.ENCFS_MAX_THREADS)
 
 
 def _error(rc: int, what: str) -> Exception:
@@ -91,78 +87,159 @@ def _writable(out: Any) -> Any:
         raise TypeError("output buffer is read-only") from None
 
 
+def _release(*cdata: Any) -> None:
+    """End the buffer exports taken by ``ffi.from_buffer`` now, not when a frame kept alive by
+    a traceback is collected (SecureBuffer.exported() stays true, and a cycle holding both the
+    export and its memoryview can crash CPython's collector in memory_dealloc)."""
+    for c in cdata:
+        if c is not None:
+            ffi.release(c)
+
+
 def _index(first_index: int) -> int:
     if first_index < 0:
         raise FormatError(f"chunk index {first_index} out of range")
     return first_index
 
 
-class NativeChunkCipher:
-    """Seals and opens runs of chunks under one chunk key (kept in locked memory until close)."""
+_use_cond = threading.Condition(threading.Lock())
+"""Guards every cipher's in-use count (held for a few instructions per call, never across one)."""
+_ciphers: "weakref.WeakSet[NativeChunkCipher]" = weakref.WeakSet()
 
-    __slots__ = ("_key", "_key_ptr", "_nonce", "_threads", "_min_chunks")
+
+def _reset_after_fork() -> None:
+    """In a child after fork(): calls that were running on the parent's other threads do not
+    exist here; a fresh lock, and in-use counts back to zero so close() cannot wait for them."""
+    global _use_cond
+    _use_cond = threading.Condition(threading.Lock())
+    for cipher in list(_ciphers):
+        cipher._inuse = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class NativeChunkCipher:
+    """Seals and opens runs of chunks under one chunk key (kept in locked memory until close).
+
+    Every call holds the cipher in use for its duration (the C code reads the key from the
+    pool's threads with the GIL released); ``close()`` refuses new calls at once and wipes the
+    key only once the running ones have returned, so no thread ever keys a context from wiped
+    or reused memory. SecureBuffers behind the input and output are pinned for the call (see
+    ``securemem``), so releasing one mid-call waits instead of wiping under the writes."""
+
+    __slots__ = ("_key", "_key_ptr", "_nonce", "_threads", "_min_chunks", "_inuse", "__weakref__")
 
     def __init__(self, key: memoryview | bytes, base_nonce: bytes, threads: int, min_chunks_per_thread: int):
         if len(key) != KEY_SIZE:
             raise ValueError("chunk key must be 32 bytes")
         if len(base_nonce) != NONCE_SIZE:
             raise ValueError("base nonce must be 12 bytes")
+        self._inuse = 0
         self._key: SecretBytes | None = SecretBytes(key)
         self._key_ptr: Any = ffi.from_buffer("uint8_t[]", self._key.view())
         self._nonce = ffi.new("uint8_t[]", bytes(base_nonce))
         self._threads = threads
         self._min_chunks = min_chunks_per_thread
+        _ciphers.add(self)
 
     def _threads_for(self, nchunks: int) -> int:
         return max(1, min(self._threads, nchunks // self._min_chunks))
 
-    def _live_key(self) -> Any:
-        if self._key is None:
-            raise ValueError("cipher is closed")
-        return self._key_ptr
+    def _enter(self) -> Any:
+        """Count a call in and return the key pointer; ValueError when closed (or closing)."""
+        with _use_cond:
+            if self._key is None:
+                raise ValueError("cipher is closed")
+            self._inuse += 1
+            return self._key_ptr
+
+    def _leave(self) -> None:
+        with _use_cond:
+            self._inuse -= 1
+            if not self._inuse:
+                _use_cond.notify_all()
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[Any]:
+        """``with cipher._using() as key_ptr:`` the cipher held in use for the block."""
+        key = self._enter()
+        try:
+            yield key
+        finally:
+            self._leave()
 
     def decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
         """Open chunks ``first_index..`` from ``ciphertext`` into ``out`` (see backend.ChunkCipher).
 
         Sizes, index range and overlap are checked in C before any work is done."""
-        key = self._live_key()
-        ct = ffi.from_buffer("uint8_t[]", ciphertext)
-        dst = _writable(out)
-        failed = ffi.new("int64_t *")
-        rc = lib.encfs_decrypt_chunks(
-            key, self._nonce, _index(first_index), ct, len(ct), dst, len(dst), self._threads_for(span_chunk_count(len(ct))), failed
-        )
+        key = self._enter()
+        try:
+            with securemem.pinning(ciphertext, out):
+                ct = dst = None
+                try:
+                    ct = ffi.from_buffer("uint8_t[]", ciphertext)
+                    dst = _writable(out)
+                    failed = ffi.new("int64_t *")
+                    rc = lib.encfs_decrypt_chunks(
+                        key, self._nonce, _index(first_index), ct, len(ct), dst, len(dst), self._threads_for(span_chunk_count(len(ct))), failed
+                    )
+                finally:
+                    _release(ct, dst)
+        finally:
+            self._leave()
         return _opened(rc, first_index, failed, None, "decrypt")
 
     def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int:
         """Read ``ct_len`` bytes of ciphertext at ``offset`` of ``fd`` (chunks ``first_index..``)
         and open them into ``out`` (see backend.ChunkCipher): the ciphertext goes straight into
-        ``out`` and is opened in place, one cache-sized group at a time."""
-        key = self._live_key()
-        dst = _writable(out)
-        failed = ffi.new("int64_t *")
-        err = ffi.new("int *")
-        rc = lib.encfs_pread_decrypt_chunks(
-            fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(span_chunk_count(ct_len)), failed, err
-        )
+        ``out`` and each chunk is opened from there into per-thread scratch, then copied back
+        once verified, one cache-sized group at a time."""
+        key = self._enter()
+        try:
+            with securemem.pinning(out):
+                dst = None
+                try:
+                    dst = _writable(out)
+                    failed = ffi.new("int64_t *")
+                    err = ffi.new("int *")
+                    rc = lib.encfs_pread_decrypt_chunks(
+                        fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(span_chunk_count(ct_len)), failed, err
+                    )
+                finally:
+                    _release(dst)
+        finally:
+            self._leave()
         return _opened(rc, first_index, failed, err, "read")
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         """Seal ``plaintext`` as chunks ``first_index..`` into ``out`` (see backend.ChunkCipher)."""
-        key = self._live_key()
-        pt = ffi.from_buffer("uint8_t[]", plaintext)
-        dst = _writable(out)
-        nchunks = len(pt) // CHUNK_SIZE + (1 if final else 0)
-        rc = lib.encfs_encrypt_chunks(
-            key, self._nonce, _index(first_index), pt, len(pt), int(bool(final)), dst, len(dst), self._threads_for(nchunks)
-        )
+        key = self._enter()
+        try:
+            with securemem.pinning(plaintext, out):
+                pt = dst = None
+                try:
+                    pt = ffi.from_buffer("uint8_t[]", plaintext)
+                    dst = _writable(out)
+                    nchunks = len(pt) // CHUNK_SIZE + (1 if final else 0)
+                    rc = lib.encfs_encrypt_chunks(
+                        key, self._nonce, _index(first_index), pt, len(pt), int(bool(final)), dst, len(dst), self._threads_for(nchunks)
+                    )
+                finally:
+                    _release(pt, dst)
+        finally:
+            self._leave()
         if rc < 0:
             raise _error(rc, "encrypt")
         return rc
 
     def close(self) -> None:
-        """Wipe the key copy; later calls raise ValueError."""
-        key, self._key = self._key, None
+        """Refuse new calls, wait for running ones to return, then wipe the key copy; later
+        calls raise ValueError. Idempotent."""
+        with _use_cond:
+            key, self._key = self._key, None
+            _use_cond.wait_for(lambda: not self._inuse)
         if key is not None:
             ffi.release(self._key_ptr)
             self._key_ptr = None

@@ -14,7 +14,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import env
+from . import env, securemem
 from .cobblestone import CHUNK_SIZE, CT_CHUNK_SIZE, TAG_SIZE, chunk_count, chunk_nonce, span_chunk_count, span_plaintext_size
 from .errors import ConfigError, EncfsError, IntegrityError
 
@@ -25,9 +25,10 @@ class ChunkCipher(Protocol):
         may be short) into ``out``; return plaintext bytes written. On a failed tag: zero ``out``
         from that chunk on and raise IntegrityError(chunk_index, verified_bytes).
 
-        ``out`` belongs to the call until it returns: the native backend opens chunks in place
-        (a failed chunk's bytes exist there until zeroed, before the call returns), so nothing
-        may read ``out`` concurrently. The python backend opens into private scratch first."""
+        Both backends open each chunk into private scratch and copy it to ``out`` only after
+        its tag verified, so no reader of ``out`` (another thread, a shared array) ever sees a
+        failed chunk's bytes, even while the call runs. A SecureBuffer behind ``out`` is
+        pinned for the call (``securemem.pinning``): releasing it waits for the call."""
 
     def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int | None:
         """Like ``decrypt_into``, reading the ``ct_len`` ciphertext bytes at ``offset`` of the
@@ -69,6 +70,10 @@ class _PyChunkCipher:
         self._base_nonce = base_nonce
 
     def decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
+        with securemem.pinning(ciphertext, out):
+            return self._decrypt_into(first_index, ciphertext, out)
+
+    def _decrypt_into(self, first_index: int, ciphertext: memoryview, out: memoryview) -> int:
         total = span_plaintext_size(len(ciphertext))
         if len(out) < total:
             raise ValueError("output buffer too small")
@@ -92,13 +97,17 @@ class _PyChunkCipher:
                 out[pos : pos + n] = scratch
                 pos += n
         finally:
-            buf[:] = bytes(len(buf))
+            securemem.cleanse(buf)
         return pos
 
     def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> None:
         return None
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
+        with securemem.pinning(plaintext, out):
+            return self._encrypt_into(first_index, plaintext, out, final)
+
+    def _encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         n = split_plaintext(len(plaintext), final)
         if len(out) < len(plaintext) + n * TAG_SIZE:
             raise ValueError("output buffer too small")

@@ -5,7 +5,8 @@ mlock'd, kept out of core dumps, zeroed on close). A read that continues where t
 ended is sequential: the window grows to ``readahead`` chunks and, on remote targets, the
 next window's ciphertext is fetched in the background while this one decrypts. Local files
 opened by the native backend need no ciphertext buffer at all: its threads read each group
-of chunks straight into the destination and open it there (the kernel does the read-ahead;
+of chunks straight into the destination and open it from there through per-thread scratch
+(the kernel does the read-ahead;
 an extra thread only competed with the decrypting ones: benchmarks/RESULTS.md). Any other
 read decrypts only the chunks it touches. A chunk-aligned ``readinto`` of whole chunks
 decrypts straight into the caller's buffer. A read never comes back short because a chunk

@@ -36,6 +36,9 @@ class _Arena:
     """Slab allocator for secrets inside a few SecureBuffers (one mmap+mlock per 16 KiB slab,
     not per secret; secrets over 2 KiB get a buffer of their own).
 
+    The slabs are ordinary live SecureBuffers, so a child after fork() locks them again
+    (``securemem``: mlock is not inherited), which keeps keys in DataLoader workers locked.
+
     Each secret's memory is exported through its own ctypes array, and every view handed out
     holds a reference to that array. A wiped slot is reused only once no view of it is left
     (its array is back to one reference); until then it sits in quarantine, so a stale view

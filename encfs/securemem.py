@@ -12,6 +12,19 @@ buffer holds a reference to it, so none can ever read unmapped memory; after rel
 zeros. (``torch.frombuffer`` holds a reference but no buffer export, which is why release never
 unmaps eagerly.) Writes through such a view after release land in ordinary, unlocked memory.
 
+Release is also safe while a call writes into the buffer. Whoever hands the buffer to code
+that runs without the GIL (the native backend does, for every decrypt/encrypt into or out of
+a SecureBuffer, found behind memoryviews and NumPy arrays by ``owner()``) pins it for the
+call (``pin()``/``unpin()``, ``with buf.pinned():``). ``release()`` refuses new pins at once
+(``pin()`` then raises ValueError) and waits for the pins held by other threads to drop before
+it wipes, so no write can land after the wipe in pages that are no longer locked. A thread
+that releases a buffer it has pinned itself does not wait (that would deadlock): the wipe
+runs at its last unpin.
+
+mlock is not inherited across ``fork()``: a child (a DataLoader worker) locks every live
+locked buffer again, key slabs of ``encfs.secret`` included, and the locked-bytes count stays
+what is locked there (a buffer that cannot be locked again leaves it and counts a fallback).
+
 When locking fails (``RLIMIT_MEMLOCK`` too small) the memory is still used, unlocked; the
 fallback is counted (``mlock_fallbacks()``) and warned about once per process. With the native
 extension the locking and wiping run in C (``OPENSSL_cleanse``); without it (or with
@@ -32,9 +45,22 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from . import env
+
 PAGE_SIZE = mmap.PAGESIZE
 
-__all__ = ["PAGE_SIZE", "BufferPool", "SecureBuffer", "buffer_address", "cleanse", "locked_bytes", "mlock_fallbacks"]
+__all__ = [
+    "PAGE_SIZE",
+    "BufferPool",
+    "SecureBuffer",
+    "buffer_address",
+    "cleanse",
+    "locked_bytes",
+    "mlock_fallbacks",
+    "owner",
+    "pin_all",
+    "unpin_all",
+]
 
 
 class _PyMemory:
@@ -56,6 +82,15 @@ class _PyMemory:
             if ok:
                 self.locked += _page_round(n)
             else:
+                self.fallbacks += 1
+        return ok
+
+    def relock(self, addr: int, n: int) -> bool:
+        """Lock pages the count already holds (a child after fork); on failure they leave it."""
+        ok = self._libc.mlock(addr, n) == 0
+        if not ok:
+            with self._mutex:
+                self.locked -= _page_round(n)
                 self.fallbacks += 1
         return ok
 
@@ -87,6 +122,9 @@ class _NativeMemory:
     def lock(self, addr: int, n: int) -> bool:
         return bool(self._lib.encfs_secure_lock(self._ptr(addr), n))
 
+    def relock(self, addr: int, n: int) -> bool:
+        return bool(self._lib.encfs_secure_relock(self._ptr(addr), n))
+
     def unlock(self, addr: int, n: int, locked: bool) -> None:
         self._lib.encfs_secure_unlock(self._ptr(addr), n, int(locked))
 
@@ -105,7 +143,9 @@ def _page_round(n: int) -> int:
 
 
 def _load_memory() -> _PyMemory | _NativeMemory:
-    if os.environ.get("ENCFS_SECUREMEM") != "python":
+    """The C helpers unless ``ENCFS_SECUREMEM=python`` (or the extension is not built); a value
+    other than native/python is a ConfigError."""
+    if env.env_choice(env.SECUREMEM, "native", ("native", "python")) == "native":
         try:
             from ._native import ffi, lib
         except ImportError:
@@ -168,7 +208,7 @@ class SecureBuffer(mmap.mmap):
     large buffers that may exceed ``RLIMIT_MEMLOCK``) but still wipes and excludes from dumps.
     """
 
-    __slots__ = ("_addr", "_locked", "_released")
+    __slots__ = ("_addr", "_locked", "_released", "_pins", "_wipe_at_unpin")
 
     def __new__(cls, nbytes: int, *, lock: bool = True) -> "SecureBuffer":
         if not isinstance(nbytes, int) or nbytes <= 0:
@@ -176,6 +216,8 @@ class SecureBuffer(mmap.mmap):
         self = super().__new__(cls, -1, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._released = False
         self._locked = False
+        self._pins: dict[int, int] = {}  # thread ident -> pins it holds
+        self._wipe_at_unpin = False
         self._addr = buffer_address(self)
         if hasattr(mmap, "MADV_DONTDUMP"):
             mmap.mmap.madvise(self, mmap.MADV_DONTDUMP)
@@ -205,16 +247,64 @@ class SecureBuffer(mmap.mmap):
             _mem.zero(self._addr, len(self))
 
     def release(self) -> None:
-        """Wipe, unlock and return the pages; views still alive read zeros from then on."""
-        if self._released:
-            return
-        self._released = True
+        """Wipe, unlock and return the pages; views still alive read zeros from then on.
+
+        Waits for pins held by other threads (calls writing into the buffer) to drop first;
+        when this thread holds a pin itself, the wipe runs at its last unpin instead."""
+        with _pin_cond:
+            if self._released:
+                return
+            self._released = True  # no new pins from here on
+            if self._pins.get(threading.get_ident()):
+                self._wipe_at_unpin = True
+                return
+            _pin_cond.wait_for(lambda: not self._pins)
+        self._wipe_and_unlock()
+
+    def _wipe_and_unlock(self) -> None:
         _mem.unlock(self._addr, len(self), self._locked)
         self._locked = False
         with contextlib.suppress(OSError, ValueError, AttributeError):
             mmap.mmap.madvise(self, mmap.MADV_DONTNEED)
         with _live_mutex:
             _live.discard(self)
+
+    def pin(self) -> None:
+        """Mark the buffer in use by this thread (a call writing or reading it without the
+        GIL); ``release()`` waits for it. ValueError once released. Pair with ``unpin()``."""
+        me = threading.get_ident()
+        with _pin_cond:
+            if self._released:
+                raise ValueError("SecureBuffer is released")
+            self._pins[me] = self._pins.get(me, 0) + 1
+
+    def unpin(self) -> None:
+        """Drop one pin of this thread; the last one lets a waiting or deferred release wipe."""
+        me = threading.get_ident()
+        with _pin_cond:
+            left = self._pins.get(me, 0) - 1
+            if left < 0:
+                raise ValueError("SecureBuffer is not pinned by this thread")
+            if left:
+                self._pins[me] = left
+            else:
+                del self._pins[me]
+            wipe = self._wipe_at_unpin and not self._pins
+            if wipe:
+                self._wipe_at_unpin = False
+            if not self._pins:
+                _pin_cond.notify_all()
+        if wipe:
+            self._wipe_and_unlock()
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator["SecureBuffer"]:
+        """``with buf.pinned():`` pin for the block (see ``pin``)."""
+        self.pin()
+        try:
+            yield self
+        finally:
+            self.unpin()
 
     close = release
 
@@ -258,14 +348,79 @@ class SecureBuffer(mmap.mmap):
 
 _live: "weakref.WeakSet[SecureBuffer]" = weakref.WeakSet()
 _live_mutex = threading.Lock()
+_pin_cond = threading.Condition(threading.Lock())
+
+
+def owner(obj: Any, depth: int = 8) -> SecureBuffer | None:
+    """The SecureBuffer whose memory ``obj`` exposes, looking through memoryviews
+    (``.obj``) and NumPy arrays (``.base``), nested up to ``depth`` deep; None if none.
+    (A ``torch.frombuffer`` tensor keeps no such link and is not found.)"""
+    for _ in range(depth):
+        if isinstance(obj, SecureBuffer):
+            return obj
+        nxt = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+        if nxt is None or nxt is obj:
+            return None
+        obj = nxt
+    return None
+
+
+def pin_all(*objs: Any) -> list[SecureBuffer]:
+    """Pin the SecureBuffers behind ``objs`` (see ``owner``); give the list to ``unpin_all``.
+    ValueError (nothing left pinned) when one of them is released."""
+    pinned: list[SecureBuffer] = []
+    try:
+        for obj in objs:
+            buf = owner(obj)
+            if buf is not None:
+                buf.pin()
+                pinned.append(buf)
+    except BaseException:
+        unpin_all(pinned)
+        raise
+    return pinned
+
+
+def unpin_all(bufs: list[SecureBuffer]) -> None:
+    """Undo ``pin_all``."""
+    for buf in bufs:
+        buf.unpin()
+
+
+@contextlib.contextmanager
+def pinning(*objs: Any) -> Iterator[None]:
+    """``with pinning(src, out):`` the SecureBuffers behind ``objs`` stay pinned (not
+    released under a call that reads or writes them) for the block."""
+    bufs = pin_all(*objs)
+    try:
+        yield
+    finally:
+        unpin_all(bufs)
 
 
 def _reinit_locks_after_fork() -> None:
-    """A lock held by another thread at fork() would stay held forever in the child."""
-    global _live_mutex, _warn_mutex
+    """In a child after fork(): fresh locks (one held by another thread at fork() would stay
+    held forever), pins of threads that do not exist here dropped, and live locked buffers
+    locked again (mlock is not inherited) so key pages stay out of swap in workers."""
+    global _live_mutex, _warn_mutex, _pin_cond
     _live_mutex, _warn_mutex = threading.Lock(), threading.Lock()
+    _pin_cond = threading.Condition(threading.Lock())
     if isinstance(_mem, _PyMemory):
         _mem._mutex = threading.Lock()
+    me = threading.get_ident()
+    failed = False
+    for buf in list(_live):
+        buf._pins = {me: buf._pins[me]} if buf._pins.get(me) else {}
+        if buf._released:
+            if buf._wipe_at_unpin and not buf._pins:
+                buf._wipe_at_unpin = False
+                buf._wipe_and_unlock()
+            continue
+        if buf._locked and not _mem.relock(buf._addr, len(buf)):
+            buf._locked = False
+            failed = True
+    if failed:
+        _lock_failed()
 
 
 if hasattr(os, "register_at_fork"):

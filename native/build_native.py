@@ -56,6 +56,7 @@ int64_t encfs_gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, si
 void *encfs_secure_alloc(size_t n, int *locked);
 void encfs_secure_free(void *p, size_t n, int locked);
 int encfs_secure_lock(void *p, size_t n);
+int encfs_secure_relock(void *p, size_t n);
 void encfs_secure_unlock(void *p, size_t n, int locked);
 void encfs_cleanse(void *p, size_t n);
 uint64_t encfs_mlock_fallbacks(void);

@@ -5,9 +5,16 @@
  * threads per batch cost ~8% of a 4 MiB read here). Each participant owns one
  * EVP_CIPHER_CTX, sets the key once and only the IV per chunk. Participants share the lowest
  * failing chunk index so work past a known failure stops early; the caller zeroes the
- * plaintext from that chunk on once every helper has left the task. The pread variant reads
- * each group's ciphertext straight into the destination (tags aside) and opens it in place
- * while it is still in cache: one copy out of the page cache instead of two. */
+ * destination from that chunk on once every helper has left the task.
+ *
+ * Unverified plaintext never reaches the destination: each chunk is opened into the
+ * participant's own 16 KiB scratch (hot in L1/L2) and copied out only once its tag verified,
+ * so another thread reading the destination while a call runs (a shared window, a user's
+ * array) can never see a forged chunk's bytes. The scratch is cleansed when the participant
+ * leaves the task. The pread variant reads each group's ciphertext straight into the
+ * destination (tags aside; ciphertext is public), then opens it from there into scratch and
+ * copies the verified plaintext back while it is still in cache: one copy out of the page
+ * cache instead of two. */
 #define _GNU_SOURCE
 #include "encfs_native.h"
 
@@ -59,12 +66,68 @@ static void cpu_relax(void) {
 #endif
 }
 
+/* ---- per-thread scratch: where a chunk is opened before its tag has verified ---- */
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+
+/* Sanitizer builds take the scratch from malloc, where ASan checks its bounds (it does not
+ * check inside an mmap); ordinary builds map whole pages and keep them out of core dumps. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SCRATCH_HEAP 1
+#else
+#define SCRATCH_HEAP 0
+#endif
+
+static void scratch_free(void *p) {
+    if (p == NULL) return;
+    OPENSSL_cleanse(p, ENCFS_CHUNK_SIZE);
+    if (SCRATCH_HEAP)
+        free(p);
+    else
+        munmap(p, ENCFS_CHUNK_SIZE);
+}
+
+static void make_scratch_key(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0; }
+
+/* This thread's 16 KiB scratch (whole pages, kept out of core dumps), mapped on first use and
+ * cleansed and unmapped when the thread exits; NULL when none can be had. Not mlocked: one
+ * chunk per thread would eat into a small RLIMIT_MEMLOCK that key slabs need, and it is
+ * cleansed at the end of every task. */
+static uint8_t *thread_scratch(void) {
+    pthread_once(&scratch_once, make_scratch_key);
+    if (!scratch_key_ok) return NULL;
+    uint8_t *p = pthread_getspecific(scratch_key);
+    if (p) return p;
+    void *m;
+    if (SCRATCH_HEAP) {
+        if ((m = malloc(ENCFS_CHUNK_SIZE)) == NULL) return NULL;
+    } else {
+        m = mmap(NULL, ENCFS_CHUNK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return NULL;
+#ifdef MADV_DONTDUMP
+        (void)madvise(m, ENCFS_CHUNK_SIZE, MADV_DONTDUMP);
+#endif
+    }
+    if (pthread_setspecific(scratch_key, m) != 0) {
+        scratch_free(m);
+        return NULL;
+    }
+    return m;
+}
+
 /* ---- tasks: a span of chunks claimed in groups ---- */
 
 #define GROUP_CHUNKS 8 /* 128 KiB: a group's ciphertext and plaintext stay in L2 */
 
 typedef struct task task_t;
-typedef void (*group_fn)(task_t *t, EVP_CIPHER_CTX **ctx, size_t begin, size_t end);
+typedef struct {
+    EVP_CIPHER_CTX *ctx; /* keyed on first use */
+    uint8_t *scratch;    /* decrypt: this thread's scratch, fetched on first use */
+    size_t dirty;        /* scratch bytes to cleanse when leaving */
+} part_t;
+typedef void (*group_fn)(task_t *t, part_t *me, size_t begin, size_t end);
 
 struct task {
     group_fn fn;
@@ -95,18 +158,19 @@ static int task_failed(task_t *t) {
 /* Claim groups in ascending order until none are left. Every later claim lies above any
  * failure seen now, so stopping at a failure skips only chunks that get zeroed. */
 static void participate(task_t *t) {
-    EVP_CIPHER_CTX *ctx = NULL;
+    part_t me = {NULL, NULL, 0};
     size_t c;
     while ((c = __atomic_fetch_add(&t->next, GROUP_CHUNKS, __ATOMIC_RELAXED)) < t->nchunks) {
         if ((int64_t)c > __atomic_load_n(&t->lowest_fail, __ATOMIC_RELAXED) || task_failed(t)) break;
-        t->fn(t, &ctx, c, c + GROUP_CHUNKS < t->nchunks ? c + GROUP_CHUNKS : t->nchunks);
+        t->fn(t, &me, c, c + GROUP_CHUNKS < t->nchunks ? c + GROUP_CHUNKS : t->nchunks);
     }
-    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(me.ctx);
+    if (me.scratch && me.dirty) OPENSSL_cleanse(me.scratch, me.dirty);
 }
 
 /* This participant's context, keyed on first use; NULL (and crypto_error set) on failure. */
-static EVP_CIPHER_CTX *keyed_ctx(task_t *t, EVP_CIPHER_CTX **ctx) {
-    if (*ctx) return *ctx;
+static EVP_CIPHER_CTX *keyed_ctx(task_t *t, part_t *me) {
+    if (me->ctx) return me->ctx;
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
     int ok = c && (t->enc ? EVP_EncryptInit_ex2(c, t->cipher, t->key, NULL, NULL)
                           : EVP_DecryptInit_ex2(c, t->cipher, t->key, NULL, NULL)) == 1;
@@ -115,7 +179,17 @@ static EVP_CIPHER_CTX *keyed_ctx(task_t *t, EVP_CIPHER_CTX **ctx) {
         __atomic_store_n(&t->crypto_error, 1, __ATOMIC_RELAXED);
         return NULL;
     }
-    return *ctx = c;
+    return me->ctx = c;
+}
+
+/* A keyed decrypt context and this thread's scratch; 0 (crypto_error set) when either fails. */
+static int decrypt_ready(task_t *t, part_t *me) {
+    if (keyed_ctx(t, me) == NULL) return 0;
+    if (me->scratch == NULL && (me->scratch = thread_scratch()) == NULL) {
+        __atomic_store_n(&t->crypto_error, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    return 1;
 }
 
 /* Plaintext bytes of relative chunk c in a decrypt task (in_len is ciphertext). */
@@ -123,31 +197,35 @@ static size_t ct_chunk_plain(const task_t *t, size_t c) {
     return c + 1 == t->nchunks ? t->in_len - c * ENCFS_CT_CHUNK_SIZE - ENCFS_TAG_SIZE : ENCFS_CHUNK_SIZE;
 }
 
-/* Open one chunk (in may equal out); 1: verified, 0: tag failed (published), -1: crypto error. */
-static int open_chunk(task_t *t, EVP_CIPHER_CTX *ctx, size_t c, const uint8_t *in, uint8_t *out, size_t len,
+/* Open one chunk of len bytes from in (which may be dst) into this participant's scratch and,
+ * only once its tag verified, copy it to dst: a failed chunk's bytes never reach dst.
+ * 1: verified, 0: tag failed (published), -1: crypto error. */
+static int open_chunk(task_t *t, part_t *me, size_t c, const uint8_t *in, uint8_t *dst, size_t len,
                       const uint8_t *tag) {
     uint8_t iv[ENCFS_NONCE_SIZE];
     int outl = 0, finl = 0;
+    if (len > me->dirty) me->dirty = len;
     chunk_iv(iv, t->nonce, t->first_index + c);
-    if (EVP_DecryptInit_ex2(ctx, NULL, NULL, iv, NULL) != 1 ||
-        (len && EVP_DecryptUpdate(ctx, out, &outl, in, (int)len) != 1) ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, ENCFS_TAG_SIZE, (void *)tag) != 1) {
+    if (EVP_DecryptInit_ex2(me->ctx, NULL, NULL, iv, NULL) != 1 ||
+        (len && EVP_DecryptUpdate(me->ctx, me->scratch, &outl, in, (int)len) != 1) ||
+        EVP_CIPHER_CTX_ctrl(me->ctx, EVP_CTRL_GCM_SET_TAG, ENCFS_TAG_SIZE, (void *)tag) != 1) {
         __atomic_store_n(&t->crypto_error, 1, __ATOMIC_RELAXED);
         return -1;
     }
-    if (EVP_DecryptFinal_ex(ctx, out + outl, &finl) != 1) {
+    if (EVP_DecryptFinal_ex(me->ctx, me->scratch + outl, &finl) != 1) {
         atomic_min(&t->lowest_fail, (int64_t)c);
         return 0;
     }
+    if (len) memcpy(dst, me->scratch, len);
     return 1;
 }
 
-static void decrypt_group(task_t *t, EVP_CIPHER_CTX **ctx, size_t begin, size_t end) {
-    EVP_CIPHER_CTX *x = keyed_ctx(t, ctx);
-    for (size_t c = begin; x && c < end; c++) {
+static void decrypt_group(task_t *t, part_t *me, size_t begin, size_t end) {
+    if (!decrypt_ready(t, me)) return;
+    for (size_t c = begin; c < end; c++) {
         const uint8_t *in = t->in + c * ENCFS_CT_CHUNK_SIZE;
         size_t len = ct_chunk_plain(t, c);
-        if (open_chunk(t, x, c, in, t->out + c * ENCFS_CHUNK_SIZE, len, in + len) != 1) return;
+        if (open_chunk(t, me, c, in, t->out + c * ENCFS_CHUNK_SIZE, len, in + len) != 1) return;
     }
 }
 
@@ -175,7 +253,7 @@ static ssize_t preadv_full(int fd, struct iovec *iov, int cnt, int64_t offset) {
     return (ssize_t)total;
 }
 
-static void pread_decrypt_group(task_t *t, EVP_CIPHER_CTX **ctx, size_t begin, size_t end) {
+static void pread_decrypt_group(task_t *t, part_t *me, size_t begin, size_t end) {
     uint8_t tags[GROUP_CHUNKS][ENCFS_TAG_SIZE];
     struct iovec iov[2 * GROUP_CHUNKS];
     size_t want = 0;
@@ -196,15 +274,15 @@ static void pread_decrypt_group(task_t *t, EVP_CIPHER_CTX **ctx, size_t begin, s
         __atomic_store_n(&t->truncated, 1, __ATOMIC_RELAXED);
         return;
     }
-    EVP_CIPHER_CTX *x = keyed_ctx(t, ctx);
-    for (size_t c = begin; x && c < end; c++) {
-        uint8_t *p = t->out + c * ENCFS_CHUNK_SIZE;
-        if (open_chunk(t, x, c, p, p, ct_chunk_plain(t, c), tags[c - begin]) != 1) return;
+    if (!decrypt_ready(t, me)) return;
+    for (size_t c = begin; c < end; c++) {
+        uint8_t *p = t->out + c * ENCFS_CHUNK_SIZE; /* ciphertext now, plaintext once verified */
+        if (open_chunk(t, me, c, p, p, ct_chunk_plain(t, c), tags[c - begin]) != 1) return;
     }
 }
 
-static void encrypt_group(task_t *t, EVP_CIPHER_CTX **ctx, size_t begin, size_t end) {
-    EVP_CIPHER_CTX *x = keyed_ctx(t, ctx);
+static void encrypt_group(task_t *t, part_t *me, size_t begin, size_t end) {
+    EVP_CIPHER_CTX *x = keyed_ctx(t, me);
     uint8_t iv[ENCFS_NONCE_SIZE];
     for (size_t c = begin; x && c < end; c++) {
         const uint8_t *in = t->in + c * ENCFS_CHUNK_SIZE;
@@ -377,7 +455,10 @@ static int64_t decrypt_span(uint64_t first_index, size_t ct_len, uint8_t *out, s
     return (int64_t)total;
 }
 
-/* After a decrypt task: zero what must not be released and pick the return code. */
+/* After a decrypt task: zero what must not be released and pick the return code. The
+ * destination from the lowest failed chunk on holds only old bytes, ciphertext (pread) or
+ * verified plaintext of later chunks, never a failed chunk's: it is zeroed all the same, so
+ * a failed call leaves nothing past the verified prefix. */
 static int64_t finish_decrypt(task_t *t, size_t total, int64_t *failed_index, int *os_error) {
     int64_t rc = ENCFS_E_CRYPTO;
     if (t->crypto_error) {
@@ -533,6 +614,14 @@ int encfs_secure_lock(void *p, size_t n) {
     }
     __atomic_add_fetch(&locked_bytes, page_round(n), __ATOMIC_RELAXED);
     return 1;
+}
+
+int encfs_secure_relock(void *p, size_t n) {
+    if (p == NULL || n == 0) return 0;
+    if (mlock(p, n) == 0) return 1;
+    __atomic_sub_fetch(&locked_bytes, page_round(n), __ATOMIC_RELAXED);
+    __atomic_add_fetch(&mlock_fallbacks, 1, __ATOMIC_RELAXED);
+    return 0;
 }
 
 void encfs_secure_unlock(void *p, size_t n, int locked) {

@@ -26,7 +26,9 @@
 #define ENCFS_E_TRUNCATED (-10) /* the file ended inside the span */
 
 /* Open the chunks first_index.. cut from ct at 16400-byte steps (the last may be shorter,
- * but at least a tag) into out. Returns plaintext bytes written. On ENCFS_E_AUTH,
+ * but at least a tag) into out. Returns plaintext bytes written. Each chunk is opened in the
+ * thread's own scratch and copied to out only once its tag verified: out never holds a byte
+ * of a chunk that failed, not even while the call runs. On ENCFS_E_AUTH,
  * *failed_index is the lowest failing chunk index and out is zeroed from that chunk's
  * plaintext offset to the end of the span. Up to nthreads threads take part: the caller's and
  * helpers from a pool started on first use (one per process; rebuilt in a child after fork). */
@@ -35,8 +37,9 @@ int64_t encfs_decrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint
                              int nthreads, int64_t *failed_index);
 
 /* The same, reading the span's ciphertext (ct_len bytes at file offset `offset` of fd) with
- * preadv straight into out (tags aside) and opening each group of chunks in place while it is
- * in cache. On ENCFS_E_IO (*os_error = errno) or ENCFS_E_TRUNCATED all of out's span is
+ * preadv straight into out (tags aside), then opening each chunk of the group from there into
+ * scratch and copying it back once verified, while it is in cache (out holds ciphertext, never
+ * unverified plaintext). On ENCFS_E_IO (*os_error = errno) or ENCFS_E_TRUNCATED all of out's span is
  * zeroed; on ENCFS_E_AUTH, as above. fd's file offset does not move. */
 int64_t encfs_pread_decrypt_chunks(int fd, int64_t offset, const uint8_t *key, const uint8_t *base_nonce,
                                    uint64_t first_index, size_t ct_len, uint8_t *out, size_t out_cap,
@@ -66,6 +69,10 @@ void encfs_secure_free(void *p, size_t n, int locked);
 /* The same, on pages someone else mapped: lock returns 1 when locked, 0 on fallback;
  * unlock cleanses n bytes and unlocks them when they were locked. */
 int encfs_secure_lock(void *p, size_t n);
+/* Lock again pages whose lock was lost (a child after fork: mlock is not inherited) and that
+ * the locked-bytes count still holds: 1 when locked; on failure they leave the count and the
+ * fallback counter goes up. */
+int encfs_secure_relock(void *p, size_t n);
 void encfs_secure_unlock(void *p, size_t n, int locked);
 void encfs_cleanse(void *p, size_t n);
 uint64_t encfs_mlock_fallbacks(void);

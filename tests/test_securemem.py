@@ -386,7 +386,7 @@ def test_sanitizer_build(tmp_path):
 
 
 _SANITIZER_DRIVER = """
-    import importlib.util, os, sys
+    import importlib.util, os, sys, threading
     so_path = sys.argv[1]
     spec = importlib.util.spec_from_file_location("encfs._native", so_path)
     native = importlib.util.module_from_spec(spec)
@@ -494,7 +494,34 @@ _SANITIZER_DRIVER = """
     secrets = [SecretBytes(os.urandom(n)) for n in (1, 16, 32, 33, 2048, 2049, 9000)]
     for s in secrets:
         s.wipe()
+    big = os.urandom(64 * CH)
+    sealed_big = bytearray(len(big) + 64 * 16)
+    PythonBackend().chunk_cipher(memoryview(key), nonce).encrypt_into(0, memoryview(big), memoryview(sealed_big), False)
+    for _ in range(5):  # close() and release() racing calls on other threads (pins, in-use counts)
+        c = nb.NativeBackend(threads=2, min_chunks_per_thread=1).chunk_cipher(memoryview(key), nonce)
+        dest = securemem.SecureBuffer(len(big))
+        view = memoryview(dest)
+        def race():
+            for _ in range(4):
+                try:
+                    c.decrypt_into(0, memoryview(sealed_big), view[:])
+                except ValueError:
+                    pass
+        ts = [threading.Thread(target=race) for _ in range(2)]
+        for t in ts:
+            t.start()
+        dest.release()
+        c.close()
+        for t in ts:
+            t.join()
+        assert not any(view)
+        del view
+    checks += 1
     ffi, lib = native.ffi, native.lib
+    relock = securemem.SecureBuffer(5000)
+    if relock.locked:
+        assert lib.encfs_secure_relock(ffi.from_buffer(relock), len(relock)) in (0, 1)
+    relock.release()
     locked = ffi.new("int *")
     p = lib.encfs_secure_alloc(100, locked)
     assert p != ffi.NULL
