@@ -38,6 +38,7 @@ from .securemem import SecureBuffer
 from .writer import PayloadWriter
 
 DEFAULT_READAHEAD = 256
+PEEK_MAX = 8192
 
 if sys.implementation.name == "cpython":
     _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -144,6 +145,19 @@ class EncryptedReader(io.BufferedIOBase):
         return out if isinstance(out, bytes) else bytes(out)
 
     read1 = read
+
+    def peek(self, size: int = 1) -> bytes:
+        """Up to ``PEEK_MAX`` bytes from the current position without moving it (at least one
+        unless at end of file): what ``readline`` and iteration scan for line ends."""
+        with self._locked():
+            self._check_open()
+            if self.loc >= self.size:
+                return b""
+            if not self._win_start <= self.loc < self._win_start + self._win_len:
+                self._fill(self.loc, max(1, size))
+            off = self.loc - self._win_start
+            n = min(max(1, size, PEEK_MAX), self._win_len - off)
+            return bytes(memoryview(self._win)[off : off + n])
 
     def readall(self) -> bytes:
         return self.read(-1)

@@ -277,3 +277,18 @@ def test_read_results_are_fresh_objects(enc):
     assert b"".join(parts) == data[:600]
     assert [bytes([i]) for i in range(256)] == singles and b"\x00" == bytes(1)
     assert len({id(p) for p in parts}) == len(parts) or all(p == data[i : i + 1] for i, p in enumerate(parts))
+
+
+def test_lines_and_peek(enc):
+    """Iteration and readline see exactly the plaintext's lines; peek never moves the position."""
+    fs, root = enc
+    lines = [b"line %d %s\n" % (i, b"x" * (i * 37 % 20000)) for i in range(300)] + [b"no newline at end"]
+    fs.pipe_file(f"{root}/lines", b"".join(lines))
+    with fs.open(f"{root}/lines", "rb") as f:
+        assert list(f) == lines
+        f.seek(5)
+        head = f.peek(3)
+        assert f.tell() == 5 and b"".join(lines)[5 : 5 + len(head)] == head and len(head) >= 3
+        assert f.readline() == lines[0][5:]
+        f.seek(0, 2)
+        assert f.peek() == b"" and f.readline() == b""
