@@ -162,11 +162,13 @@ class NativeChunkCipher:
                 _use_cond.notify_all()
 
     @contextlib.contextmanager
-    def _using(self) -> Iterator[Any]:
-        """``with cipher._using() as key_ptr:`` the cipher held in use for the block."""
+    def _calling(self, *buffers: Any) -> Iterator[Any]:
+        """``with cipher._calling(src, out) as key_ptr:`` the cipher held in use and the
+        SecureBuffers behind ``buffers`` pinned for the block (one C call)."""
         key = self._enter()
         try:
-            yield key
+            with securemem.pinning(*buffers):
+                yield key
         finally:
             self._leave()
 
@@ -174,21 +176,17 @@ class NativeChunkCipher:
         """Open chunks ``first_index..`` from ``ciphertext`` into ``out`` (see backend.ChunkCipher).
 
         Sizes, index range and overlap are checked in C before any work is done."""
-        key = self._enter()
-        try:
-            with securemem.pinning(ciphertext, out):
-                ct = dst = None
-                try:
-                    ct = ffi.from_buffer("uint8_t[]", ciphertext)
-                    dst = _writable(out)
-                    failed = ffi.new("int64_t *")
-                    rc = lib.encfs_decrypt_chunks(
-                        key, self._nonce, _index(first_index), ct, len(ct), dst, len(dst), self._threads_for(span_chunk_count(len(ct))), failed
-                    )
-                finally:
-                    _release(ct, dst)
-        finally:
-            self._leave()
+        with self._calling(ciphertext, out) as key:
+            ct = dst = None
+            try:
+                ct = ffi.from_buffer("uint8_t[]", ciphertext)
+                dst = _writable(out)
+                failed = ffi.new("int64_t *")
+                rc = lib.encfs_decrypt_chunks(
+                    key, self._nonce, _index(first_index), ct, len(ct), dst, len(dst), self._threads_for(span_chunk_count(len(ct))), failed
+                )
+            finally:
+                _release(ct, dst)
         return _opened(rc, first_index, failed, None, "decrypt")
 
     def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int:
@@ -196,40 +194,32 @@ class NativeChunkCipher:
         and open them into ``out`` (see backend.ChunkCipher): the ciphertext goes straight into
         ``out`` and each chunk is opened from there into per-thread scratch, then copied back
         once verified, one cache-sized group at a time."""
-        key = self._enter()
-        try:
-            with securemem.pinning(out):
-                dst = None
-                try:
-                    dst = _writable(out)
-                    failed = ffi.new("int64_t *")
-                    err = ffi.new("int *")
-                    rc = lib.encfs_pread_decrypt_chunks(
-                        fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(span_chunk_count(ct_len)), failed, err
-                    )
-                finally:
-                    _release(dst)
-        finally:
-            self._leave()
+        with self._calling(out) as key:
+            dst = None
+            try:
+                dst = _writable(out)
+                failed = ffi.new("int64_t *")
+                err = ffi.new("int *")
+                rc = lib.encfs_pread_decrypt_chunks(
+                    fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(span_chunk_count(ct_len)), failed, err
+                )
+            finally:
+                _release(dst)
         return _opened(rc, first_index, failed, err, "read")
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
         """Seal ``plaintext`` as chunks ``first_index..`` into ``out`` (see backend.ChunkCipher)."""
-        key = self._enter()
-        try:
-            with securemem.pinning(plaintext, out):
-                pt = dst = None
-                try:
-                    pt = ffi.from_buffer("uint8_t[]", plaintext)
-                    dst = _writable(out)
-                    nchunks = len(pt) // CHUNK_SIZE + (1 if final else 0)
-                    rc = lib.encfs_encrypt_chunks(
-                        key, self._nonce, _index(first_index), pt, len(pt), int(bool(final)), dst, len(dst), self._threads_for(nchunks)
-                    )
-                finally:
-                    _release(pt, dst)
-        finally:
-            self._leave()
+        with self._calling(plaintext, out) as key:
+            pt = dst = None
+            try:
+                pt = ffi.from_buffer("uint8_t[]", plaintext)
+                dst = _writable(out)
+                nchunks = len(pt) // CHUNK_SIZE + (1 if final else 0)
+                rc = lib.encfs_encrypt_chunks(
+                    key, self._nonce, _index(first_index), pt, len(pt), int(bool(final)), dst, len(dst), self._threads_for(nchunks)
+                )
+            finally:
+                _release(pt, dst)
         if rc < 0:
             raise _error(rc, "encrypt")
         return rc

@@ -133,7 +133,7 @@ def test_close_waits_for_running_calls():
     """close() returns only after the calls running on other threads have left the key."""
     cipher = nb.NativeBackend(threads=1).chunk_cipher(memoryview(KEY), NONCE)
     key = cipher._key
-    with cipher._using():  # what every native call holds for its duration
+    with cipher._calling():  # what every native call holds for its duration
         closer = threading.Thread(target=cipher.close)
         closer.start()
         closer.join(0.2)
