@@ -61,7 +61,7 @@ def decrypt_mapped(path: str, key_ref: str) -> None:
         for first in range(0, r.chunks, 256):
             ct_len, pt_len = r.span(first, min(256, r.chunks - first))
             off = r.header_length + cs.chunk_offset(first)
-            r.decrypt_into(first, view[off : off + ct_len], memoryview(out)[:pt_len])
+            r._cipher.decrypt_into(first, view[off : off + ct_len], memoryview(out)[:pt_len])
         view.release()
         mapped.close()
 
@@ -89,7 +89,9 @@ def in_memory(rows: Rows, mem_bytes: int, reps: int) -> dict[str, float]:
         from encfs import _native_backend as nb
         from encfs._native import ffi, lib
 
-        ct_tag = nb.aes256gcm_encrypt(key, bytes(12), plain)
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
+
+        ct_tag = _AESGCM(key).encrypt(bytes(12), plain, None)
         dst = bytearray(len(plain))
         u8 = "uint8_t[]"
         args = (ffi.from_buffer(u8, key), 32, ffi.from_buffer(u8, bytes(12)), 12, ffi.NULL, 0,

@@ -2,17 +2,12 @@
 mode, OpenSSL 3 EVP AES-256-GCM), with the GIL released and chunks spread over threads.
 
 Threads come from a persistent native pool (native/encfs_native.c): the caller's thread and
-pool helpers claim groups of 8 chunks until none are left. Measured decrypting one 256 MiB
-span (native/bench_native.py; AMD EPYC, 2 vCPUs, Debian 12, system OpenSSL 3.0.19):
-  native pthreads per batch:  1 thread 5.29-5.35 GB/s, 2 threads 10.26-10.58 GB/s
-  Python threads:             2 threads 10.47-10.60 GB/s (each calling the GIL-released C)
-  PythonBackend:              4.70-4.74 GB/s (pyca/cryptography, holds the GIL)
-Long spans tie; short ones decide it. Starting threads per batch cost ~30-40 us, so spans
-under 64 chunks ran on one thread; the pool wakes a sleeping helper for a few us (and one that
-spins, just after a batch, for less), and 2 threads now beat one from 16 chunks (256 KiB):
-16 chunks 9.8 vs 5.1 GB/s, 4 MiB read from a file 8.0 vs 6.9 GB/s (benchmarks/RESULTS.md).
-pyca/cryptography bundles OpenSSL 4.0 (~1.4 us per 16 KiB chunk), the system libcrypto 3.0
-needs ~3 us, so below 16 chunks PythonBackend is faster (1 chunk: 4.9 vs 3.4 GB/s).
+pool helpers claim groups of 8 chunks until none are left. Short spans run on fewer threads
+(one per ``min_chunks_per_thread`` chunks); the ``auto`` backend (encfs.backend) leaves the
+shortest to pyca/cryptography. Measurements: benchmarks/RESULTS.md, native/bench_native.py.
+
+After ``fork()`` (``encfs.forking``) a child renews the lock that guards the ciphers' in-use
+counts and sets the counts to zero (the calls they counted ran on the parent's other threads).
 """
 
 from __future__ import annotations
@@ -24,13 +19,13 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from . import env, securemem
+from . import env, forking, securemem
 from ._native import ffi, lib
-from .cobblestone import CHUNK_SIZE, KEY_SIZE, NONCE_SIZE, TAG_SIZE, span_chunk_count
+from .cobblestone import CHUNK_SIZE, KEY_SIZE, NONCE_SIZE, span_chunk_count
 from .errors import EncfsError, FormatError, IntegrityError
 from .secret import SecretBytes
 
-__all__ = ["NativeBackend", "NativeChunkCipher", "aes256gcm_decrypt", "aes256gcm_encrypt", "native_status"]
+__all__ = ["NativeBackend", "NativeChunkCipher", "native_status"]
 
 MIN_CHUNKS_PER_THREAD = 8
 """A thread gets at least one group (8 chunks, 128 KiB), the unit threads claim work in."""
@@ -87,7 +82,7 @@ def _writable(out: Any) -> Any:
         raise TypeError("output buffer is read-only") from None
 
 
-def _release(*cdata: Any) -> None:
+def _drop_views(*cdata: Any) -> None:
     """End the buffer exports taken by ``ffi.from_buffer`` now, not when a frame kept alive by
     a traceback is collected (SecureBuffer.exported() stays true, and a cycle holding both the
     export and its memoryview can crash CPython's collector in memory_dealloc)."""
@@ -107,17 +102,15 @@ _use_cond = threading.Condition(threading.Lock())
 _ciphers: "weakref.WeakSet[NativeChunkCipher]" = weakref.WeakSet()
 
 
-def _reset_after_fork() -> None:
+@forking.after_fork_in_child
+def _renew_after_fork() -> None:
     """In a child after fork(): calls that were running on the parent's other threads do not
-    exist here; a fresh lock, and in-use counts back to zero so close() cannot wait for them."""
+    exist here; a fresh lock, and in-use counts back to zero so close() cannot wait for them.
+    (Runs after securemem's and secret's actions: this module imports both first.)"""
     global _use_cond
     _use_cond = threading.Condition(threading.Lock())
     for cipher in list(_ciphers):
         cipher._inuse = 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class NativeChunkCipher:
@@ -186,7 +179,7 @@ class NativeChunkCipher:
                     key, self._nonce, _index(first_index), ct, len(ct), dst, len(dst), self._threads_for(span_chunk_count(len(ct))), failed
                 )
             finally:
-                _release(ct, dst)
+                _drop_views(ct, dst)
         return _opened(rc, first_index, failed, None, "decrypt")
 
     def pread_decrypt_into(self, fd: int, offset: int, first_index: int, ct_len: int, out: memoryview) -> int:
@@ -204,7 +197,7 @@ class NativeChunkCipher:
                     fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(span_chunk_count(ct_len)), failed, err
                 )
             finally:
-                _release(dst)
+                _drop_views(dst)
         return _opened(rc, first_index, failed, err, "read")
 
     def encrypt_into(self, first_index: int, plaintext: memoryview, out: memoryview, final: bool) -> int:
@@ -219,7 +212,7 @@ class NativeChunkCipher:
                     key, self._nonce, _index(first_index), pt, len(pt), int(bool(final)), dst, len(dst), self._threads_for(nchunks)
                 )
             finally:
-                _release(pt, dst)
+                _drop_views(pt, dst)
         if rc < 0:
             raise _error(rc, "encrypt")
         return rc
@@ -264,48 +257,6 @@ class NativeBackend:
 
     def chunk_cipher(self, key: memoryview, base_nonce: bytes) -> NativeChunkCipher:
         return NativeChunkCipher(key, base_nonce, self.threads, self.min_chunks_per_thread)
-
-
-def _span(data: Any) -> tuple[Any, int]:
-    """A byte pointer to ``data`` (no copy) and its size in bytes."""
-    ptr = ffi.from_buffer("uint8_t[]", data)
-    return ptr, len(ptr)
-
-
-def _gcm_args(key: Any, iv: Any, tag_size: int, aad: Any) -> tuple[Any, ...]:
-    """Pointer/length pairs of key, IV and AAD; anything but a 32/12/16-byte key/IV/tag is refused."""
-    k, i = _span(key), _span(iv)
-    if k[1] != KEY_SIZE:
-        raise ValueError(f"AES-256-GCM needs a 32-byte key, not {k[1]} bytes")
-    if i[1] != NONCE_SIZE:
-        raise ValueError(f"only 12-byte IVs are supported, not {i[1]} bytes")
-    if tag_size != TAG_SIZE:
-        raise ValueError(f"only 16-byte tags are supported, not {tag_size} bytes")
-    return (*k, *i, *_span(aad))
-
-
-def aes256gcm_encrypt(key: Any, iv: Any, plaintext: Any, aad: Any = b"", tag_size: int = TAG_SIZE) -> bytes:
-    """Single-shot AES-256-GCM seal: ``ciphertext || tag``. Only 32/12/16-byte key/IV/tag."""
-    args = _gcm_args(key, iv, tag_size, aad)
-    pt = _span(plaintext)
-    out = ffi.new("uint8_t[]", pt[1] + TAG_SIZE)
-    rc = lib.encfs_gcm_seal(*args, *pt, out, len(out))
-    if rc < 0:
-        raise _error(rc, "seal")
-    return ffi.buffer(out, rc)[:]
-
-
-def aes256gcm_decrypt(key: Any, iv: Any, ciphertext: Any, tag: Any, aad: Any = b"") -> bytes:
-    """Single-shot AES-256-GCM open; IntegrityError when the tag does not verify."""
-    args = _gcm_args(key, iv, _span(tag)[1], aad)
-    ct_tag = bytes(ciphertext) + bytes(tag)
-    out = ffi.new("uint8_t[]", max(1, len(ct_tag) - TAG_SIZE))
-    rc = lib.encfs_gcm_open(*args, ct_tag, len(ct_tag), out, len(out))
-    if rc == lib.ENCFS_E_AUTH:
-        raise IntegrityError("AES-GCM tag did not verify")
-    if rc < 0:
-        raise _error(rc, "open")
-    return ffi.buffer(out, rc)[:]
 
 
 def native_status() -> dict[str, Any]:

@@ -187,6 +187,14 @@ class AutoBackend:
         return f"auto: native for spans >= {self.min_chunks} chunks, python below"
 
 
+def pread_min_chunks(backend: CipherBackend) -> int | None:
+    """The shortest span (in chunks) that ``backend`` reads from a file descriptor itself
+    (``pread_decrypt_into``); None when it never does (the caller reads the ciphertext)."""
+    if isinstance(backend, AutoBackend):
+        return backend.min_chunks
+    return 1 if backend.name == "native" else None
+
+
 _BACKENDS: dict[str, CipherBackend] = {}
 
 

@@ -20,17 +20,19 @@ from typing import Any, BinaryIO, Callable, Sequence
 
 import fsspec
 from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
 from . import __version__
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import get_backend
-from .errors import ConfigError, EncfsError, KeyReferenceError
-from .filesystem import EncFileSystem, copy_stream
+from .copying import copy_stream
+from .errors import ConfigError, EncfsError, KeyReferenceError, naming
+from .filesystem import EncFileSystem
+from .header import open_header, read_header
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
 from .rewrap import rewrap
-from .sink import LocalSink, Sink, fill_atomically, is_temp_name, open_sink, temp_name
+from .sink import LocalSink, Sink, fill_atomically, is_local, is_temp_name, open_sink, remove_stale_temporaries, temp_name
+from .target import Target
 from .writer import PayloadWriter
 
 
@@ -104,7 +106,7 @@ def _scan_local(root: str) -> _Tree:
 
 def _scan(fs: Any, src: str) -> _Tree:
     """The files a run reads from ``src`` on ``fs``: one file, or a whole tree."""
-    if isinstance(fs, LocalFileSystem):
+    if is_local(fs):
         path = fs._strip_protocol(src)
         if os.path.isdir(path):
             return _scan_local(path)
@@ -134,7 +136,7 @@ def _open_local_nofollow(path: str) -> BinaryIO:
 
 
 class _StdoutSink:
-    """Ciphertext straight to stdout. ``abort`` cannot take back what was written, but a
+    """Ciphertext straight to stdout. ``discard`` cannot take back what was written, but a
     stream cut short has no final chunk, so a reader refuses it (truncation is detected)."""
 
     def __init__(self, stream: BinaryIO):
@@ -147,7 +149,7 @@ class _StdoutSink:
     def commit(self) -> None:
         self._stream.flush()
 
-    def abort(self) -> None:
+    def discard(self) -> None:
         pass
 
 
@@ -163,7 +165,7 @@ class _Outputs:
 
     def __init__(self, fs: Any):
         self.fs = fs
-        self.local = isinstance(fs, LocalFileSystem)
+        self.local = is_local(fs)
         self.staged: list[tuple[str, str]] = []
         self.held: list[LocalSink] = []
         self.created: list[str] = []
@@ -271,12 +273,13 @@ def _seal(sink: Sink, enc: EncFileSystem, src: BinaryIO, progress: Callable[[int
     done = False
     try:
         copy_stream(src, writer, progress)
-        writer.close()
+        writer.seal()
+        writer.commit()
         done = True
     finally:
         if not done:
             with contextlib.suppress(Exception):
-                writer.abort()
+                writer.discard()
 
 
 def _destination(dst_fs: Any, dst: str, tree: _Tree, src: str) -> str:
@@ -399,7 +402,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
         try:
             r = _open_source(src_fs, item, nofollow=tree.is_dir)
         except BaseException:
-            sink.abort()
+            sink.discard()
             raise
         with r:
             _seal(sink, enc, r, progress)
@@ -408,7 +411,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 
 
 def _open_source(fs: Any, item: _Item, nofollow: bool = False) -> BinaryIO:
-    if isinstance(fs, LocalFileSystem):
+    if is_local(fs):
         return _open_local_nofollow(item.src) if nofollow else open(item.src, "rb")
     return fs.open(item.src, "rb")
 
@@ -435,7 +438,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             return 0
         dst_fs, dst = url_to_fs(args.dst)
         dst = _destination(dst_fs, dst, tree, src)
-        local = isinstance(src_fs, LocalFileSystem)
+        local = is_local(src_fs)
 
         def copy_one(item: _Item, sink: Sink, progress: Callable[[int], Any]) -> None:
             try:
@@ -443,7 +446,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
                     raise EncfsError(f"{item.src}: became a symlink while the tree was read; not followed")
                 r = enc.open(item.src, "rb")
             except BaseException:
-                sink.abort()
+                sink.discard()
                 raise
             with r:
                 fill_atomically(sink, lambda k: copy_stream(r, k, progress))
@@ -453,16 +456,12 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """Remove encfs temporaries that killed writers left behind (``sink.remove_stale_temporaries``)."""
-    try:
-        from .sink import remove_stale_temporaries  # type: ignore[attr-defined]
-    except ImportError:
-        raise EncfsError("this encfs has no encfs.sink.remove_stale_temporaries; 'clean' is unavailable") from None
     fs, path = url_to_fs(args.path)
     if not fs.isdir(path):
         raise EncfsError(f"{args.path}: not a directory")
     dirs = [path]
     if args.recursive:
-        if isinstance(fs, LocalFileSystem):
+        if is_local(fs):
             dirs = [d for d, _, _ in os.walk(fs._strip_protocol(path), followlinks=False)]
         else:
             dirs += [n for n, i in fs.find(path, withdirs=True, detail=True).items() if i.get("type") == "directory"]
@@ -474,39 +473,36 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def inspect_file(path: str, keyring: KeyRing | None) -> dict:
+    """Header facts of ``path``; with identities, also whether its header MAC and key
+    commitment verify (no chunk is read)."""
     fs, p = url_to_fs(path)
     size = fs.size(p)
-    with fs.open(p, "rb") as f:
-        head = f.read(min(size, 4096))
-        length = fmt.parse_prefix(head)
-        if len(head) < length + cs.PREFIX_SIZE:
-            head += f.read(length + cs.PREFIX_SIZE - len(head))
-    header = fmt.parse(head)
-    pt = fmt.plaintext_size(size, length)
+    target = Target(fs.open(p, "rb"))
+    try:
+        with naming(path):
+            header, _ = read_header(target.read_at, size)
+            if keyring is not None and keyring.identities():
+                open_header(target.read_at, size, keyring).keys.wipe()
+                verified = "header MAC and key commitment OK (chunks not read)"
+            else:
+                verified = None
+    finally:
+        target.close()
+    pt = fmt.plaintext_size(size, header.length)
     info: dict[str, Any] = {
         "path": path,
         "format_version": header.version,
         "suite": fmt.SUITES[header.suite],
         "file_id": header.file_id.hex(),
-        "header_length": length,
-        "header_free": length - len(header.signed) - fmt.MAC_SIZE,
+        "header_length": header.length,
+        "header_free": header.length - len(header.signed) - fmt.MAC_SIZE,
         "ciphertext_size": size,
         "plaintext_size": pt,
         "chunks": cs.chunk_count(pt),
         "recipients": [{"type": s.type, "key_id": s.key_id.hex() or None} for s in header.stanzas],
     }
-    if keyring is not None and (keyring.identities() if keyring else []):
-        file_key = keyring.unwrap(header)
-        try:
-            fmt.verify(header, file_key)
-            keys = cs.derive(file_key.view(), head[length : length + cs.SALT_SIZE], header.context)
-        finally:
-            file_key.wipe()
-        try:
-            cs.check_commitment(keys, head[length + cs.SALT_SIZE : length + cs.PREFIX_SIZE])
-        finally:
-            keys.wipe()
-        info["verified"] = "header MAC and key commitment OK (chunks not read)"
+    if verified:
+        info["verified"] = verified
     return info
 
 

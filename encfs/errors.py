@@ -1,10 +1,37 @@
-"""Typed errors. Messages never contain key bytes."""
+"""Typed errors. Messages never contain key bytes. An error raised while a file is read or
+written names that file once, wherever it surfaces (pandas, pyarrow, the CLI, a DataLoader
+worker): ``path`` holds it, and the message starts with it (``naming``)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+CHUNK_SIZE = 16384  # plaintext bytes per chunk (cobblestone.CHUNK_SIZE; no import cycle)
+
 
 class EncfsError(Exception):
-    """Base class of every error encfs raises on purpose."""
+    """Base class of every error encfs raises on purpose. ``path``: the file it concerns."""
+
+    path: str | None = None
+
+
+def with_path(error: EncfsError, path: str) -> EncfsError:
+    """Name ``path`` in ``error`` unless it already names a file (set once, at the file's layer)."""
+    if error.path is None and path:
+        error.path = path
+        if error.args and isinstance(error.args[0], str):
+            error.args = (f"{path}: {error.args[0]}", *error.args[1:])
+    return error
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Encfs errors raised inside the block name ``path``."""
+    try:
+        yield
+    except EncfsError as e:
+        raise with_path(e, path)
 
 
 class FormatError(EncfsError, ValueError):
@@ -14,14 +41,20 @@ class FormatError(EncfsError, ValueError):
 class IntegrityError(EncfsError):
     """Authentication failed: a chunk, the commitment or the header MAC did not verify.
 
-    ``chunk_index`` names the first chunk that failed (None for header/commitment);
-    ``verified_bytes`` is how much plaintext before it was verified and released.
+    ``chunk_index`` names the first chunk that failed (None for header/commitment) and
+    ``offset`` the absolute plaintext offset where verified data ends (that chunk's start).
+    ``verified_bytes`` is how many bytes of the failing call's own buffer hold verified
+    plaintext (the rest is zeroed): set by the call the user made.
     """
 
     def __init__(self, message: str, *, chunk_index: int | None = None, verified_bytes: int = 0):
         super().__init__(message)
         self.chunk_index = chunk_index
         self.verified_bytes = verified_bytes
+
+    @property
+    def offset(self) -> int | None:
+        return None if self.chunk_index is None else self.chunk_index * CHUNK_SIZE
 
 
 class NoMatchingKeyError(EncfsError):
@@ -53,7 +86,3 @@ class TransactionError(EncfsError):
 class FileChangedError(EncfsError, OSError):
     """The file was replaced or rewritten while it was open for reading (an object store's
     version check failed); reopen it to read the new version."""
-
-    def __init__(self, message: str, *, path: str = ""):
-        super().__init__(message)
-        self.path = path

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -20,17 +20,16 @@ from fsspec.implementations.chained import ChainedFileSystem
 
 from . import format as fmt
 from .backend import CipherBackend, get_backend
-from .errors import FormatError
-from .file import DEFAULT_READAHEAD, EncryptedReader, EncryptedTextWriter, EncryptedWriter
+from .copying import copy_stream
+from .env import default_key
+from .errors import FormatError, naming, with_path
+from .file import DEFAULT_READAHEAD, EncryptedReader
 from .keys import KeyRing
-from .keys.refs import ENV_DEFAULT, KeySpec
+from .keys.refs import KeySpec
 from .reader import ChunkReader
+from .sink import LocalSink, fill_atomically, is_local, is_temp_name, open_sink
 from .transaction import EncTransaction
-from .sink import LocalSink, fill_atomically, is_temp_name, open_sink
-from .writer import PayloadWriter
-
-COPY_BLOCK = 4 << 20
-
+from .writer import EncryptedTextWriter, EncryptedWriter, PayloadWriter
 
 class _EnvDefaultKey:
     """Class-level value of ``$ENCFS_KEY``, so fsspec's instance cache (keyed by constructor
@@ -38,7 +37,7 @@ class _EnvDefaultKey:
     earlier value of the variable."""
 
     def __get__(self, obj: Any, cls: Any) -> str | None:
-        return os.environ.get(ENV_DEFAULT)
+        return default_key()
 
 
 class EncFileSystem(ChainedFileSystem):
@@ -227,28 +226,35 @@ class EncFileSystem(ChainedFileSystem):
     # -- files ---------------------------------------------------------------------------
     def open_reader(self, path: str, ct_size: int | None = None) -> ChunkReader | io.IOBase:
         """The chunk reader of ``path`` (or a raw target file, for plaintext passthrough)."""
-        path = self._strip_target(path)
+        return self._reader(self._strip_target(path), ct_size)
 
+    def _reader(self, path: str, ct_size: int | None) -> ChunkReader | io.IOBase:
         def reopen() -> Any:
-            return self.fs.open(path, "rb") if _is_local(self.fs) else self.fs.open(path, "rb", cache_type="none")
+            return self.fs.open(path, "rb") if is_local(self.fs) else self.fs.open(path, "rb", cache_type="none")
 
         raw = reopen()
         try:
             if ct_size is None:
                 ct_size = raw.seek(0, io.SEEK_END)
                 raw.seek(0)
-            if self.allow_plaintext and not self._looks_encrypted(raw, ct_size):
+            if self.allow_plaintext and not _starts_with_magic(raw, ct_size):
                 return raw
-            return ChunkReader(raw, ct_size, self.keyring, self.backend, name=path, reopen=reopen)
+            try:
+                return ChunkReader(raw, ct_size, self.keyring, self.backend, name=path, reopen=reopen)
+            except FormatError as e:
+                if not self.allow_plaintext and not _starts_with_magic(raw, ct_size):
+                    raise with_path(
+                        FormatError(
+                            "not an encfs file (bad magic): it may be plaintext. To read files that are not "
+                            "encrypted as they are, pass allow_plaintext=True (storage_options="
+                            "{'encfs': {'allow_plaintext': True}}); see the README on what that gives up"
+                        ),
+                        path,
+                    ) from None
+                raise with_path(e, path)
         except BaseException:
             raw.close()
             raise
-
-    @staticmethod
-    def _looks_encrypted(raw: Any, ct_size: int) -> bool:
-        head = raw.read(len(fmt.MAGIC)) if ct_size else b""
-        raw.seek(0)
-        return head == fmt.MAGIC
 
     def open(self, path: str, mode: str = "rb", **kwargs: Any):
         """fsspec's ``open``; text writes get an ``EncryptedTextWriter``, whose failed ``with``
@@ -259,15 +265,16 @@ class EncFileSystem(ChainedFileSystem):
         return EncryptedTextWriter(super().open(path, mode.replace("t", "") + "b", **kwargs), **text)
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True, cache_options: dict | None = None, **kwargs: Any):
-        path = self._strip_target(path)
+        """``path`` arrives stripped (fsspec's ``open`` strips it)."""
         if mode == "rb":
-            reader = self.open_reader(path, kwargs.get("size"))
+            reader = self._reader(path, kwargs.get("size"))
             if not isinstance(reader, ChunkReader):
                 return reader
             return EncryptedReader(self, path, reader, readahead=kwargs.get("readahead", self.readahead))
         if mode in ("wb", "xb"):
-            sink = open_sink(self.fs, path, block_size, exclusive=mode == "xb")
-            return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend), mode, autocommit=autocommit)
+            with naming(path):
+                sink = open_sink(self.fs, path, block_size, exclusive=mode == "xb")
+                return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend), mode, autocommit=autocommit)
         if "a" in mode:
             raise NotImplementedError(
                 "append is not supported: re-sealing the final chunk would reuse its nonce; rewrite the file instead"
@@ -338,8 +345,12 @@ class EncFileSystem(ChainedFileSystem):
             pass
 
 
-def _is_local(fs: AbstractFileSystem) -> bool:
-    return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+def _starts_with_magic(raw: Any, ct_size: int) -> bool:
+    """Whether the target file starts with the encfs magic (the position is left at 0)."""
+    raw.seek(0)
+    head = raw.read(len(fmt.MAGIC)) if ct_size else b""
+    raw.seek(0)
+    return head == fmt.MAGIC
 
 
 def _read_range(f: Any, start: int | None, end: int | None) -> bytes:
@@ -350,19 +361,3 @@ def _read_range(f: Any, start: int | None, end: int | None) -> bytes:
     if end == size:
         return f.read()
     return f.read(max(0, end - start))
-
-
-def copy_stream(src: Any, dst: Any, progress: Callable[[int], Any]) -> None:
-    """Copy ``src`` to ``dst`` through one reused buffer, zeroed afterwards (it held plaintext)."""
-    buf = bytearray(COPY_BLOCK)
-    mv = memoryview(buf)
-    try:
-        while True:
-            n = src.readinto(mv)
-            if not n:
-                break
-            dst.write(mv[:n])
-            progress(n)
-    finally:
-        buf[:] = bytes(len(buf))
-

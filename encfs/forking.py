@@ -6,8 +6,16 @@ pools or file offsets that belong to the parent, and must lock its key pages aga
 is not inherited). Two mechanisms, both here:
 
 * **Eager actions**, run once in every child right after ``fork()``, in registration order
-  (``after_fork_in_child``): fresh locks, dropped pins, re-locked secure memory, native
-  ciphers' in-use counts reset, the secret arena's mutex renewed.
+  (``after_fork_in_child``). Each module registers when first imported, and imports the
+  modules it uses first, so what an action relies on is already renewed when it runs:
+
+  1. this module: the lock behind ``ForkLocal`` renewed;
+  2. ``encfs.securemem``: fresh locks (live buffers, pins, the lock-failure warning, the
+     pure-Python memory's counters), pins of the parent's other threads dropped, every live
+     locked SecureBuffer locked again (secret slabs and windows included);
+  3. ``encfs.secret``: the secret arena's mutex renewed;
+  4. ``encfs._native_backend`` (when built): the lock over native ciphers' in-use counts
+     renewed, and the counts set to zero.
 * **A fork generation** (``generation()``), bumped in every child: objects that hold a
   per-process resource (an open file offset, a read-ahead thread, a lock shared by threads)
   remember the generation they were made in and rebuild the resource lazily, on first use in
@@ -52,14 +60,14 @@ if hasattr(os, "register_at_fork"):
 
 
 class ForkLocal(Generic[T]):
-    """A value made by ``factory`` once per process: after a fork, the first ``get()`` in the
-    child makes a new one (threads of the child wait for the first), and the parent's is
-    dropped, never used."""
+    """A value made by ``factory`` once per process (``initial`` is this process's, if given):
+    after a fork, the first ``get()`` in the child makes a new one (threads of the child wait
+    for the first), and the parent's is dropped, never used."""
 
-    def __init__(self, factory: Callable[[], T]):
+    def __init__(self, factory: Callable[[], T], initial: T | None = None):
         self._factory = factory
-        self._value: T | None = None
-        self._gen = -1
+        self._value: T | None = initial
+        self._gen = _generation if initial is not None else -1
 
     def get(self) -> T:
         if self._gen == _generation and self._value is not None:

@@ -127,8 +127,9 @@ def seal(header: Header, file_key: SecretBytes, length: int | None = None) -> by
     """Encode and MAC ``header``; pad to ``length`` (or the default reserve). Sets header.length."""
     if not 1 <= len(header.stanzas) <= MAX_STANZAS:
         raise FormatError(f"a header holds 1..{MAX_STANZAS} stanzas")
-    if sum(s.type == "passphrase" for s in header.stanzas) > 1:
-        raise FormatError("a header holds at most one passphrase stanza")
+    from .keys.registry import check_per_header  # imported here: the key types import this module
+
+    check_per_header(s.type for s in header.stanzas)
     body = struct.pack(">H", len(header.stanzas)) + b"".join(s.encode() for s in header.stanzas)
     needed = PREFIX_SIZE + len(body) + MAC_SIZE
     if length is None:

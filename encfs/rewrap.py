@@ -13,18 +13,17 @@ from __future__ import annotations
 import fcntl
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
 
 from . import format as fmt
-from .errors import EncfsError
+from .copying import RangeReader, copy_stream
+from .errors import EncfsError, naming
+from .header import read_header, unlock
 from .keys import KeyRing, Recipient
-from .reader import pread_exact
-from .sink import LocalSink, Sink, fill_atomically, open_sink
-
-COPY_BLOCK = 4 << 20
+from .sink import LocalSink, Sink, fill_atomically, is_local, open_sink
+from .target import Target
 
 
 @dataclass
@@ -35,20 +34,10 @@ class RewrapResult:
     added: list[str]
 
 
-def _read_header(read_at: Callable[[int, int], bytes], size: int) -> fmt.Header:
-    head = read_at(0, min(size, 4096))
-    length = fmt.parse_prefix(head)
-    if len(head) < length:
-        head += read_at(len(head), length - len(head))
-    fmt.plaintext_size(size, length)
-    return fmt.parse(head)
-
-
 def _reheader(header: fmt.Header, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str]) -> tuple[bytes, RewrapResult]:
     """The new header bytes (in the old length when they fit) and what changed."""
-    file_key = keyring.unwrap(header)
+    file_key = unlock(header, keyring)
     try:
-        fmt.verify(header, file_key)
         keep, removed = [], []
         for s in header.stanzas:
             (removed if s.label in remove or s.key_id.hex() in remove else keep).append(s)
@@ -66,16 +55,6 @@ def _reheader(header: fmt.Header, keyring: KeyRing, add: Sequence[Recipient], re
     finally:
         file_key.wipe()
     return head, RewrapResult(out, out.length == header.length, [s.label for s in removed], [s.label for s in new])
-
-
-def _copy_payload(read_at: Callable[[int, int], bytes], start: int, size: int, sink: Sink) -> None:
-    pos = start
-    while pos < size:
-        block = read_at(pos, min(COPY_BLOCK, size - pos))
-        if not block:
-            raise EncfsError("file shrank during rewrap; nothing was changed")
-        sink.write(block)
-        pos += len(block)
 
 
 def _write_header_in_place(path: str, ino: int, head: bytes) -> bool:
@@ -100,18 +79,20 @@ def _write_header_in_place(path: str, ino: int, head: bytes) -> bool:
 
 
 def _rewrap_local(path: str, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str], in_place: bool) -> RewrapResult:
-    fd = os.open(path, os.O_RDONLY)
+    target = Target(open(path, "rb"))
     try:
+        fd = target.fd
+        assert fd is not None
         fcntl.flock(fd, fcntl.LOCK_EX)
         st = os.fstat(fd)
-        read_at = lambda off, n: pread_exact(fd, off, n)  # noqa: E731
-        header = _read_header(read_at, st.st_size)
+        header, _ = read_header(target.read_at, st.st_size)
         head, res = _reheader(header, keyring, add, remove)
         if in_place and res.in_place and _write_header_in_place(path, st.st_ino, head):
             return res
+
         def fill(sink: Sink) -> None:
             sink.write(head)
-            _copy_payload(read_at, header.length, st.st_size, sink)
+            copy_stream(RangeReader(target.read_into, header.length, st.st_size), sink)
             if os.fstat(fd).st_size != st.st_size or os.stat(path).st_ino != st.st_ino:
                 raise EncfsError(f"{path} changed while it was being rewrapped; nothing was changed")
 
@@ -119,7 +100,7 @@ def _rewrap_local(path: str, keyring: KeyRing, add: Sequence[Recipient], remove:
         res.in_place = False
         return res
     finally:
-        os.close(fd)
+        target.close()
 
 
 def rewrap(
@@ -131,22 +112,22 @@ def rewrap(
     in_place: bool = True,
 ) -> RewrapResult:
     """Add recipients and/or remove stanzas (by label ``type:keyidhex`` or key id hex)."""
-    if isinstance(fs, LocalFileSystem):
-        return _rewrap_local(fs._strip_protocol(path), keyring, add, remove, in_place)
-    with fs.open(path, "rb") as src:
-        size = src.seek(0, os.SEEK_END)
+    with naming(path):
+        if is_local(fs):
+            return _rewrap_local(fs._strip_protocol(path), keyring, add, remove, in_place)
+        raw = fs.open(path, "rb")
+        target = Target(raw)
+        try:
+            size = raw.seek(0, os.SEEK_END)
+            header, _ = read_header(target.read_at, size)
+            head, res = _reheader(header, keyring, add, remove)
 
-        def read_at(off: int, n: int) -> Any:
-            src.seek(off)
-            return src.read(n)
+            def fill(sink: Sink) -> None:
+                sink.write(head)
+                copy_stream(RangeReader(target.read_into, header.length, size), sink)
 
-        header = _read_header(read_at, size)
-        head, res = _reheader(header, keyring, add, remove)
-
-        def fill(sink: Sink) -> None:
-            sink.write(head)
-            _copy_payload(read_at, header.length, size, sink)
-
-        fill_atomically(open_sink(fs, path), fill)
-    res.in_place = False
-    return res
+            fill_atomically(open_sink(fs, path), fill)
+        finally:
+            target.close()
+        res.in_place = False
+        return res

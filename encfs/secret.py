@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import os
 import sys
 import threading
 import weakref
 from typing import Tuple
 
-from . import securemem
+from . import forking, securemem
 
 _SIZE_CLASSES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _SLAB_BYTES = 16384
@@ -51,7 +50,9 @@ class _Arena:
         self._quarantine: list[tuple[_Array, _Slot]] = []
         self._slabs: list[securemem.SecureBuffer] = []
 
-    def reset_after_fork(self) -> None:
+    def renew_mutex(self) -> None:
+        """A fresh mutex (in a child after fork(): the parent's may be held by a thread that
+        does not exist there)."""
         self._mutex = threading.RLock()
 
     def alloc(self, n: int) -> tuple[_Array, _Slot]:
@@ -91,8 +92,13 @@ class _Arena:
 
 
 _arena = _Arena()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_arena.reset_after_fork)
+
+
+@forking.after_fork_in_child
+def _renew_after_fork() -> None:
+    """The arena's mutex renewed in a child (after securemem's action: this module imports it
+    first). Its slabs are SecureBuffers, which securemem has locked again by then."""
+    _arena.renew_mutex()
 
 
 class SecretBytes:
@@ -125,7 +131,7 @@ class SecretBytes:
     def take(cls, buf: bytearray) -> "SecretBytes":
         """Wrap ``buf`` and zero the caller's copy."""
         out = cls(buf)
-        buf[:] = bytes(len(buf))
+        securemem.cleanse(buf)
         return out
 
     def __len__(self) -> int:
@@ -152,7 +158,7 @@ class SecretBytes:
         arr, slot = self._arr, self._slot
         self._arr, self._slot = bytearray(), None
         if slot is None:
-            arr[:] = bytes(len(arr))  # type: ignore[index]
+            securemem.cleanse(arr)
         else:
             _arena.free(arr, slot)  # type: ignore[arg-type]
 

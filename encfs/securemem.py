@@ -5,11 +5,14 @@ core dumps (``MADV_DONTDUMP``) and wiped when released. It is an ``mmap.mmap``, 
 the buffer protocol: ``memoryview(buf)``, ``numpy.frombuffer(buf, ...)`` and
 ``torch.frombuffer(buf, dtype=torch.uint8)`` all see the same memory, without copies.
 
-Release is safe while views are alive. ``release()`` wipes the bytes, unlocks them and hands
-the pages back to the kernel (``MADV_DONTNEED``) at once, but the address range stays mapped
-until the object itself is garbage: every memoryview, NumPy array and tensor made from the
-buffer holds a reference to it, so none can ever read unmapped memory; after release they read
-zeros. (``torch.frombuffer`` holds a reference but no buffer export, which is why release never
+*Release* has one meaning in this module: ``release()`` (also ``close()``, the context
+manager's exit, and at exit for buffers still alive) wipes the bytes, unlocks them and hands
+the pages back to the kernel (``MADV_DONTNEED``); a released buffer takes no new pins.
+
+Release is safe while views are alive. The pages go back at once, but the address range
+stays mapped until the object itself is garbage: every memoryview, NumPy array and tensor made
+from the buffer holds a reference to it, so none can ever read unmapped memory; after release
+they read zeros. (``torch.frombuffer`` holds a reference but no buffer export, which is why release never
 unmaps eagerly.) Writes through such a view after release land in ordinary, unlocked memory.
 
 Release is also safe while a call writes into the buffer. Whoever hands the buffer to code
@@ -27,8 +30,13 @@ what is locked there (a buffer that cannot be locked again leaves it and counts 
 
 When locking fails (``RLIMIT_MEMLOCK`` too small) the memory is still used, unlocked; the
 fallback is counted (``mlock_fallbacks()``) and warned about once per process. With the native
-extension the locking and wiping run in C (``OPENSSL_cleanse``); without it (or with
-``ENCFS_SECUREMEM=python``), through ``ctypes`` and libc, with the same API.
+extension the locking, wiping and dump exclusion run in C (``OPENSSL_cleanse``); without it
+(or with ``ENCFS_SECUREMEM=python``), through ``ctypes`` and libc, with the same API: the
+memory backend (``_mem``) is the one place that does each.
+
+After ``fork()`` this module's action (``encfs.forking``) runs before those of the modules
+that use it: fresh locks, pins of the parent's other threads dropped, live locked buffers
+locked again.
 """
 
 from __future__ import annotations
@@ -38,20 +46,18 @@ import contextlib
 import ctypes
 import ctypes.util
 import mmap
-import os
 import threading
 import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from . import env
+from . import env, forking
 
 PAGE_SIZE = mmap.PAGESIZE
 
 __all__ = [
     "PAGE_SIZE",
-    "BufferPool",
     "SecureBuffer",
     "buffer_address",
     "cleanse",
@@ -59,12 +65,14 @@ __all__ = [
     "mlock_fallbacks",
     "owner",
     "pin_all",
+    "pinning",
     "unpin_all",
 ]
 
 
 class _PyMemory:
-    """Locking and wiping through libc via ctypes, for when encfs._native is not built."""
+    """Locking, wiping and dump exclusion through libc via ctypes, for when encfs._native is
+    not built. The same methods as ``_NativeMemory``; addresses are page-aligned."""
 
     def __init__(self) -> None:
         self._libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -72,11 +80,20 @@ class _PyMemory:
             fn = getattr(self._libc, name)
             fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             fn.restype = ctypes.c_int
+        self._libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._libc.madvise.restype = ctypes.c_int
         self._mutex = threading.Lock()
         self.fallbacks = 0
         self.locked = 0
 
+    def exclude_from_dumps(self, addr: int, n: int) -> None:
+        """Leave the pages out of core dumps (``MADV_DONTDUMP``, where the OS has it)."""
+        if hasattr(mmap, "MADV_DONTDUMP"):
+            self._libc.madvise(addr, _page_round(n), mmap.MADV_DONTDUMP)
+
     def lock(self, addr: int, n: int) -> bool:
+        """Exclude from core dumps and lock; False (a counted fallback) when mlock fails."""
+        self.exclude_from_dumps(addr, n)
         ok = self._libc.mlock(addr, n) == 0
         with self._mutex:
             if ok:
@@ -94,7 +111,8 @@ class _PyMemory:
                 self.fallbacks += 1
         return ok
 
-    def unlock(self, addr: int, n: int, locked: bool) -> None:
+    def wipe_and_unlock(self, addr: int, n: int, locked: bool) -> None:
+        """Zero ``n`` bytes, then unlock them if they were locked."""
         ctypes.memset(addr, 0, n)
         if locked and self._libc.munlock(addr, n) == 0:
             with self._mutex:
@@ -109,9 +127,13 @@ class _PyMemory:
     def locked_bytes(self) -> int:
         return self.locked
 
+    def renew_after_fork(self) -> None:
+        self._mutex = threading.Lock()
+
 
 class _NativeMemory:
-    """Locking and wiping in encfs._native (shares its counters with the C allocator)."""
+    """Locking, wiping (``OPENSSL_cleanse``) and dump exclusion in encfs._native
+    (native/encfs_native.c), whose counters are atomics in C."""
 
     def __init__(self, ffi: Any, lib: Any) -> None:
         self._ffi, self._lib = ffi, lib
@@ -119,14 +141,17 @@ class _NativeMemory:
     def _ptr(self, addr: int) -> Any:
         return self._ffi.cast("void *", addr)
 
+    def exclude_from_dumps(self, addr: int, n: int) -> None:
+        self._lib.encfs_exclude_from_dumps(self._ptr(addr), n)
+
     def lock(self, addr: int, n: int) -> bool:
         return bool(self._lib.encfs_secure_lock(self._ptr(addr), n))
 
     def relock(self, addr: int, n: int) -> bool:
         return bool(self._lib.encfs_secure_relock(self._ptr(addr), n))
 
-    def unlock(self, addr: int, n: int, locked: bool) -> None:
-        self._lib.encfs_secure_unlock(self._ptr(addr), n, int(locked))
+    def wipe_and_unlock(self, addr: int, n: int, locked: bool) -> None:
+        self._lib.encfs_secure_wipe_unlock(self._ptr(addr), n, int(locked))
 
     def zero(self, addr: int, n: int) -> None:
         self._lib.encfs_cleanse(self._ptr(addr), n)
@@ -136,6 +161,9 @@ class _NativeMemory:
 
     def locked_bytes(self) -> int:
         return int(self._lib.encfs_locked_bytes())
+
+    def renew_after_fork(self) -> None:
+        pass  # the C counters are atomics, no lock to renew
 
 
 def _page_round(n: int) -> int:
@@ -208,23 +236,23 @@ class SecureBuffer(mmap.mmap):
     large buffers that may exceed ``RLIMIT_MEMLOCK``) but still wipes and excludes from dumps.
     """
 
-    __slots__ = ("_addr", "_locked", "_released", "_pins", "_wipe_at_unpin")
+    __slots__ = ("_address", "_locked", "_released", "_pins_by_thread", "_release_at_last_unpin")
 
     def __new__(cls, nbytes: int, *, lock: bool = True) -> "SecureBuffer":
         if not isinstance(nbytes, int) or nbytes <= 0:
             raise ValueError("nbytes must be a positive int")
         self = super().__new__(cls, -1, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._released = False
-        self._locked = False
-        self._pins: dict[int, int] = {}  # thread ident -> pins it holds
-        self._wipe_at_unpin = False
-        self._addr = buffer_address(self)
-        if hasattr(mmap, "MADV_DONTDUMP"):
-            mmap.mmap.madvise(self, mmap.MADV_DONTDUMP)
+        self._released = False  # release() was called: no new pins (the wipe may wait for old ones)
+        self._locked = False  # the pages are mlocked and counted in locked_bytes()
+        self._pins_by_thread: dict[int, int] = {}  # thread ident -> pins it holds
+        self._release_at_last_unpin = False  # released by a thread that had pinned it
+        self._address = buffer_address(self)
         if lock:
-            self._locked = _mem.lock(self._addr, nbytes)
+            self._locked = _mem.lock(self._address, nbytes)  # excluded from core dumps too
             if not self._locked:
                 _lock_failed()
+        else:
+            _mem.exclude_from_dumps(self._address, nbytes)
         with _live_mutex:
             _live.add(self)
         return self
@@ -244,7 +272,7 @@ class SecureBuffer(mmap.mmap):
     def zero(self) -> None:
         """Wipe the contents, keeping the buffer usable."""
         if not self._released:
-            _mem.zero(self._addr, len(self))
+            _mem.zero(self._address, len(self))
 
     def release(self) -> None:
         """Wipe, unlock and return the pages; views still alive read zeros from then on.
@@ -255,14 +283,15 @@ class SecureBuffer(mmap.mmap):
             if self._released:
                 return
             self._released = True  # no new pins from here on
-            if self._pins.get(threading.get_ident()):
-                self._wipe_at_unpin = True
+            if self._pins_by_thread.get(threading.get_ident()):
+                self._release_at_last_unpin = True
                 return
-            _pin_cond.wait_for(lambda: not self._pins)
-        self._wipe_and_unlock()
+            _pin_cond.wait_for(lambda: not self._pins_by_thread)
+        self._wipe_unlock_return_pages()
 
-    def _wipe_and_unlock(self) -> None:
-        _mem.unlock(self._addr, len(self), self._locked)
+    def _wipe_unlock_return_pages(self) -> None:
+        """What ``release()`` does once no pin is left."""
+        _mem.wipe_and_unlock(self._address, len(self), self._locked)
         self._locked = False
         with contextlib.suppress(OSError, ValueError, AttributeError):
             mmap.mmap.madvise(self, mmap.MADV_DONTNEED)
@@ -276,26 +305,27 @@ class SecureBuffer(mmap.mmap):
         with _pin_cond:
             if self._released:
                 raise ValueError("SecureBuffer is released")
-            self._pins[me] = self._pins.get(me, 0) + 1
+            self._pins_by_thread[me] = self._pins_by_thread.get(me, 0) + 1
 
     def unpin(self) -> None:
         """Drop one pin of this thread; the last one lets a waiting or deferred release wipe."""
         me = threading.get_ident()
         with _pin_cond:
-            left = self._pins.get(me, 0) - 1
+            pins = self._pins_by_thread
+            left = pins.get(me, 0) - 1
             if left < 0:
                 raise ValueError("SecureBuffer is not pinned by this thread")
             if left:
-                self._pins[me] = left
+                pins[me] = left
             else:
-                del self._pins[me]
-            wipe = self._wipe_at_unpin and not self._pins
-            if wipe:
-                self._wipe_at_unpin = False
-            if not self._pins:
+                del pins[me]
+            release_now = self._release_at_last_unpin and not pins
+            if release_now:
+                self._release_at_last_unpin = False
+            if not pins:
                 _pin_cond.notify_all()
-        if wipe:
-            self._wipe_and_unlock()
+        if release_now:
+            self._wipe_unlock_return_pages()
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator["SecureBuffer"]:
@@ -398,33 +428,32 @@ def pinning(*objs: Any) -> Iterator[None]:
         unpin_all(bufs)
 
 
-def _reinit_locks_after_fork() -> None:
+@forking.after_fork_in_child
+def _renew_after_fork() -> None:
     """In a child after fork(): fresh locks (one held by another thread at fork() would stay
     held forever), pins of threads that do not exist here dropped, and live locked buffers
-    locked again (mlock is not inherited) so key pages stay out of swap in workers."""
+    locked again (mlock is not inherited) so key pages stay out of swap in workers. Registered
+    when encfs.securemem is first imported, so it runs before the actions of the modules that
+    use it (encfs.secret, encfs._native_backend)."""
     global _live_mutex, _warn_mutex, _pin_cond
     _live_mutex, _warn_mutex = threading.Lock(), threading.Lock()
     _pin_cond = threading.Condition(threading.Lock())
-    if isinstance(_mem, _PyMemory):
-        _mem._mutex = threading.Lock()
+    _mem.renew_after_fork()
     me = threading.get_ident()
     failed = False
     for buf in list(_live):
-        buf._pins = {me: buf._pins[me]} if buf._pins.get(me) else {}
+        mine = buf._pins_by_thread.get(me)
+        buf._pins_by_thread = {me: mine} if mine else {}
         if buf._released:
-            if buf._wipe_at_unpin and not buf._pins:
-                buf._wipe_at_unpin = False
-                buf._wipe_and_unlock()
+            if buf._release_at_last_unpin and not mine:
+                buf._release_at_last_unpin = False
+                buf._wipe_unlock_return_pages()
             continue
-        if buf._locked and not _mem.relock(buf._addr, len(buf)):
+        if buf._locked and not _mem.relock(buf._address, len(buf)):
             buf._locked = False
             failed = True
     if failed:
         _lock_failed()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
 
 
 @atexit.register
@@ -433,91 +462,3 @@ def _release_all() -> None:
         bufs = list(_live)
     for buf in bufs:
         buf.release()
-
-
-class BufferPool:
-    """Hands out ``SecureBuffer``s of one size and takes them back zeroed, for reuse.
-
-    At most ``max_buffers`` are out at once; ``acquire`` blocks (up to ``timeout``) when all
-    are. A buffer given back while memoryview/NumPy views of it are still alive is released
-    (wiped) instead of recycled, so no view can see the next user's data. Tensors made with
-    ``torch.frombuffer`` cannot be detected: drop them before giving a buffer back.
-    """
-
-    def __init__(self, buffer_size: int, max_buffers: int, *, lock: bool = True):
-        if buffer_size <= 0 or max_buffers <= 0:
-            raise ValueError("buffer_size and max_buffers must be positive")
-        self.buffer_size = buffer_size
-        self.max_buffers = max_buffers
-        self._lock_pages = lock
-        self._idle: list[SecureBuffer] = []
-        self._out: dict[int, weakref.ref[SecureBuffer]] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-
-    @property
-    def in_use(self) -> int:
-        return len(self._out)
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
-
-    def acquire(self, timeout: float | None = None) -> SecureBuffer:
-        """A zeroed buffer; raises TimeoutError when none frees up within ``timeout`` seconds."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._closed or len(self._out) < self.max_buffers, timeout):
-                raise TimeoutError(f"all {self.max_buffers} pool buffers are in use")
-            if self._closed:
-                raise ValueError("pool is closed")
-            buf = self._idle.pop() if self._idle else SecureBuffer(self.buffer_size, lock=self._lock_pages)
-            self._out[id(buf)] = weakref.ref(buf, self._lost(id(buf)))
-            return buf
-
-    def release(self, buf: SecureBuffer) -> None:
-        """Give ``buf`` back: it is zeroed and kept for reuse (or released, see class doc)."""
-        with self._cond:
-            ref = self._out.get(id(buf))
-            if ref is None or ref() is not buf:
-                raise ValueError("buffer does not belong to this pool or was already given back")
-            del self._out[id(buf)]
-            if self._closed or buf.exported():
-                buf.release()
-            else:
-                buf.zero()
-                self._idle.append(buf)
-            self._cond.notify()
-
-    @contextlib.contextmanager
-    def lease(self, timeout: float | None = None) -> Iterator[SecureBuffer]:
-        """``with pool.lease() as buf:`` acquire, then give back on exit."""
-        buf = self.acquire(timeout)
-        try:
-            yield buf
-        finally:
-            self.release(buf)
-
-    def _lost(self, key: int) -> Any:
-        """Weakref callback: a buffer handed out was dropped without being given back."""
-
-        def forget(_ref: object) -> None:
-            with self._cond:
-                self._out.pop(key, None)
-                self._cond.notify()
-
-        return forget
-
-    def close(self) -> None:
-        """Release the idle buffers; buffers still out are released when given back."""
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._cond.notify_all()
-        for buf in idle:
-            buf.release()
-
-    def __enter__(self) -> "BufferPool":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -29,7 +29,7 @@ _TRANSACTIONAL = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "abfss"}
 class Sink(Protocol):
     def write(self, data: bytes | memoryview) -> int: ...
     def commit(self) -> None: ...
-    def abort(self) -> None: ...
+    def discard(self) -> None: ...
 
 
 def is_temp_name(path: str) -> bool:
@@ -126,7 +126,7 @@ class LocalSink:
         must not look stale to another process's clean-up until it is renamed into place)."""
         self._f.close()
 
-    def abort(self) -> None:
+    def discard(self) -> None:
         """Remove the temporary file, even when closing it fails (a full disk fails the flush)."""
         try:
             self._f.close()
@@ -173,7 +173,7 @@ def remove_stale_temporaries(fs: AbstractFileSystem | None, directory: str, olde
     disk, those whose ``flock`` is free (the writer was killed) and older than ``older_than``
     seconds; elsewhere (no locks), those older than ``older_than``. Returns what was removed.
     Files of any other name are never touched."""
-    if fs is None or isinstance(fs, LocalFileSystem):
+    if fs is None or is_local(fs):
         return _remove_stale_local(directory if fs is None else fs._strip_protocol(directory), older_than)
     removed = []
     now = time.time()
@@ -225,7 +225,7 @@ def _mtime(entry: dict) -> float | None:
 
 
 class UploadSink:
-    """An upload committed explicitly; ``abort`` discards it (aborts the multipart upload)."""
+    """An upload committed explicitly; ``discard`` aborts the multipart upload."""
 
     def __init__(self, fs: AbstractFileSystem, path: str, block_size: int | None):
         kw = {"block_size": block_size} if block_size else {}
@@ -238,7 +238,7 @@ class UploadSink:
         self._f.close()
         self._f.commit()
 
-    def abort(self) -> None:
+    def discard(self) -> None:
         try:
             self._f.discard()
         finally:
@@ -257,7 +257,7 @@ class RenameSink:
         self._f.close()
         self.fs.mv(self.tmp, self.path)
 
-    def abort(self) -> None:
+    def discard(self) -> None:
         try:
             self._f.close()
         finally:
@@ -266,19 +266,25 @@ class RenameSink:
 
 
 def fill_atomically(sink: Sink, fill: Callable[[Sink], None]) -> None:
-    """Run ``fill(sink)`` then commit; on any error (or interrupt) abort, so nothing appears."""
+    """Run ``fill(sink)`` then commit; on any error (or interrupt) discard, so nothing appears."""
     try:
         fill(sink)
         sink.commit()
     except BaseException:
-        sink.abort()
+        sink.discard()
         raise
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    """Whether ``fs`` is local disk: paths are this machine's, renames are atomic, files have
+    descriptors. The one place encfs decides it."""
+    return isinstance(fs, LocalFileSystem)
 
 
 def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None, exclusive: bool = False) -> Sink:
     """An atomic sink for ``path``. ``exclusive`` refuses an existing destination: atomically
     on local disk, by an up-front check elsewhere (object stores have no portable create-if-absent)."""
-    if isinstance(fs, LocalFileSystem):
+    if is_local(fs):
         return LocalSink(fs._strip_protocol(path), exclusive)
     if exclusive and fs.exists(path):
         raise FileExistsError(path)

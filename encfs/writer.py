@@ -1,28 +1,35 @@
-"""The payload writer: seals a plaintext stream into ``header || payload`` on a sink, with
-memory bounded by one block of chunks whatever the file size. Plaintext waiting for a whole
-block sits in locked memory that is wiped when the writer ends; whole blocks written at once
-are sealed straight from the caller's buffer.
+"""Writing an encrypted file: ``PayloadWriter`` seals a plaintext stream into ``header ||
+payload`` on a sink; ``EncryptedWriter`` is its file object.
 
-Any failure poisons the writer: the sink is aborted at once and every later call raises, so
-a caller that ignores an error cannot go on to commit a file with a hole in it."""
+Memory is bounded by one block of chunks whatever the file size. Plaintext waiting for a
+whole block sits in locked memory that is wiped when the writer ends; whole blocks written at
+once are sealed straight from the caller's buffer.
+
+One vocabulary from the file object down to the sink: ``commit`` makes the destination
+appear, ``discard`` throws the file away (nothing appears). The writer's state is kept once,
+in ``PayloadWriter.state``: a failure poisons it (the sink is discarded at once and every
+later call raises), so a caller that ignores an error cannot commit a file with a hole in it.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import sys
+from typing import Any
 
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend, split_plaintext
 from .errors import EncfsError
 from .keys import KeyRing, new_file_key
+from .owner import closed_by_failing_owner, stack_at_open
 from .securemem import SecureBuffer
 from .sink import Sink
 
 DEFAULT_BLOCK_CHUNKS = 256
 
-
-class _Discarded(EncfsError):
-    """Marks a writer thrown away on purpose (not a failed write)."""
+OPEN, SEALED, COMMITTED, DISCARDED, FAILED = "open", "sealed", "committed", "discarded", "failed"
 
 
 class PayloadWriter:
@@ -34,8 +41,8 @@ class PayloadWriter:
         self._fill = 0
         self._out = bytearray(block_chunks * cs.CT_CHUNK_SIZE)
         self.plaintext_written = 0
-        self._failed: BaseException | None = None
-        self._sealed = False
+        self.state = OPEN
+        self._failure: BaseException | None = None
         try:
             file_key = new_file_key()
             try:
@@ -50,16 +57,19 @@ class PayloadWriter:
             self._cipher = (backend or get_backend()).chunk_cipher(self._keys.key.view(), self._keys.base_nonce)
             sink.write(head + salt + self._keys.commitment)
         except BaseException:
-            sink.abort()
+            sink.discard()
             raise
 
-    def _check(self) -> None:
-        if isinstance(self._failed, _Discarded):
+    def _check(self, allowed: str = OPEN) -> None:
+        if self.state == allowed:
+            return
+        if self.state == DISCARDED:
             raise EncfsError("the file was discarded; nothing was written to the destination")
-        if self._failed is not None:
-            raise EncfsError(f"an earlier write failed ({type(self._failed).__name__}); the file was discarded") from self._failed
-        if self._sealed:
+        if self.state == FAILED:
+            raise EncfsError(f"an earlier write failed ({type(self._failure).__name__}); the file was discarded") from self._failure
+        if self.state == SEALED and allowed == OPEN:
             raise ValueError("write after the final chunk was sealed")
+        raise ValueError(f"the file is {self.state}")
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._check()
@@ -98,14 +108,13 @@ class PayloadWriter:
         self._sink.write(memoryview(self._out)[:n])
         self._index += chunks
 
-    def finish(self) -> None:
+    def seal(self) -> None:
         """Seal the final chunk; the destination appears only on ``commit()``."""
         self._check()
         try:
             tail = memoryview(self._pending)[: self._fill] if self._pending is not None else memoryview(b"")
             self._seal(tail, final=True)
-            self._fill = 0
-            self._sealed = True
+            self.state = SEALED
         except BaseException as e:
             self._fail(e)
             raise
@@ -113,30 +122,29 @@ class PayloadWriter:
             self._wipe()
 
     def commit(self) -> None:
-        if self._failed is not None or not self._sealed:
-            self._check()
-            raise ValueError("commit before the final chunk was sealed")
+        self._check(SEALED)
         try:
             self._sink.commit()
         except BaseException as e:
             self._fail(e)
             raise
+        self.state = COMMITTED
 
-    def close(self) -> None:
-        """Seal the final chunk and commit the destination."""
-        self.finish()
-        self.commit()
+    def discard(self) -> None:
+        """Throw the file away; idempotent, and a no-op once committed."""
+        if self.state in (COMMITTED, DISCARDED, FAILED):
+            return
+        self.state = DISCARDED
+        self._end()
 
     def _fail(self, exc: BaseException) -> None:
-        if self._failed is None:
-            self._failed = exc
-            self.abort()
+        if self.state in (OPEN, SEALED):
+            self.state, self._failure = FAILED, exc
+            self._end()
 
-    def abort(self) -> None:
-        if self._failed is None:
-            self._failed = _Discarded()
+    def _end(self) -> None:
         try:
-            self._sink.abort()
+            self._sink.discard()
         finally:
             self._wipe()
 
@@ -146,3 +154,97 @@ class PayloadWriter:
         if self._pending is not None:
             self._pending.release()
         self._fill = 0
+
+
+class EncryptedWriter(io.BufferedIOBase):
+    """The file object of an encrypted file open for writing. The destination appears only on
+    a clean ``close()`` (or, with ``autocommit=False``, on ``commit()``, as fsspec transactions
+    do). A failed ``with`` block that owns the file discards it (see ``encfs.owner``); every
+    other ``close()`` commits, also inside ``except`` and ``finally`` blocks (an emergency
+    checkpoint written while handling an error is kept). ``discard()`` throws a file away."""
+
+    def __init__(self, fs: Any, path: str, writer: PayloadWriter, mode: str = "wb", autocommit: bool = True):
+        self.fs, self.path, self.mode = fs, path, mode
+        self.autocommit = autocommit
+        self._w = writer
+        self._opened_under = stack_at_open()
+
+    @property
+    def header(self):
+        return self._w.header
+
+    @property
+    def discarded(self) -> bool:
+        return self._w.state in (DISCARDED, FAILED)
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._w.plaintext_written
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        return self._w.write(data)
+
+    def flush(self) -> None:
+        """No-op: ciphertext is written in whole chunks; the tail is sealed on close()."""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if sys.exc_info()[1] is not None and closed_by_failing_owner(self, self._opened_under):
+            self.discard()
+            return
+        try:
+            self._w.seal()
+            if self.autocommit:
+                self._w.commit()
+        finally:
+            super().close()
+            self.fs.invalidate_cache(self.path)
+
+    def commit(self) -> None:
+        """Make a file written with ``autocommit=False`` appear (after ``close()``)."""
+        if not self.closed:
+            self.close()
+        if self._w.state == DISCARDED:
+            raise EncfsError(f"{self.path}: cannot commit, the file was discarded (its write failed or was abandoned)")
+        if not self.autocommit:
+            self._w.commit()
+            self.fs.invalidate_cache(self.path)
+
+    def discard(self) -> None:
+        """Throw the file away: nothing appears at the destination."""
+        try:
+            self._w.discard()
+        finally:
+            if not self.closed:
+                super().close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        if not self.closed:
+            self.discard()
+
+    def __reduce__(self):
+        raise TypeError("an open encrypted writer cannot be pickled")
+
+    def __repr__(self) -> str:
+        return f"<EncryptedWriter {self.path!r}>"
+
+
+class EncryptedTextWriter(io.TextIOWrapper):
+    """Text mode over an ``EncryptedWriter`` whose ``with`` discards the file when it fails
+    (``io.TextIOWrapper``'s own ``__exit__`` would flush and commit)."""
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and isinstance(self.buffer, EncryptedWriter):
+            self.buffer.discard()
+        super().__exit__(exc_type, exc, tb)

@@ -13,6 +13,7 @@ Python threads keep running while a batch is decrypted.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,50 +21,29 @@ import cffi
 
 HERE = Path(__file__).resolve().parent
 
-CDEF = """
-#define ENCFS_KEY_SIZE ...
-#define ENCFS_NONCE_SIZE ...
-#define ENCFS_TAG_SIZE ...
-#define ENCFS_CHUNK_SIZE ...
-#define ENCFS_CT_CHUNK_SIZE ...
-#define ENCFS_MAX_THREADS ...
-#define ENCFS_E_ARG ...
-#define ENCFS_E_FORMAT ...
-#define ENCFS_E_SPACE ...
-#define ENCFS_E_AUTH ...
-#define ENCFS_E_RANGE ...
-#define ENCFS_E_CRYPTO ...
-#define ENCFS_E_OVERLAP ...
-#define ENCFS_E_IO ...
-#define ENCFS_E_TRUNCATED ...
+HEADER = HERE / "encfs_native.h"
 
-int64_t encfs_decrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
-                             const uint8_t *ct, size_t ct_len, uint8_t *out, size_t out_cap,
-                             int nthreads, int64_t *failed_index);
-int64_t encfs_pread_decrypt_chunks(int fd, int64_t offset, const uint8_t *key, const uint8_t *base_nonce,
-                                   uint64_t first_index, size_t ct_len, uint8_t *out, size_t out_cap,
-                                   int nthreads, int64_t *failed_index, int *os_error);
-int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
-                             const uint8_t *pt, size_t pt_len, int final, uint8_t *out,
-                             size_t out_cap, int nthreads);
-int64_t encfs_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
-                       const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
-                       uint8_t *out, size_t out_cap);
-int64_t encfs_gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
-                       const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t ct_len,
-                       uint8_t *out, size_t out_cap);
 
-void *encfs_secure_alloc(size_t n, int *locked);
-void encfs_secure_free(void *p, size_t n, int locked);
-int encfs_secure_lock(void *p, size_t n);
-int encfs_secure_relock(void *p, size_t n);
-void encfs_secure_unlock(void *p, size_t n, int locked);
-void encfs_cleanse(void *p, size_t n);
-uint64_t encfs_mlock_fallbacks(void);
-uint64_t encfs_locked_bytes(void);
-int encfs_mlock_probe(void);
-const char *encfs_openssl_version(void);
-"""
+def cdef_from_header(text: str) -> str:
+    """The cffi ``cdef`` for ``encfs_native.h``: its declarations as written, each
+    ``#define ENCFS_X value`` as ``#define ENCFS_X ...`` (cffi takes the value from the
+    compiler), comments, includes and the include guard left out. The header is the one
+    statement of the C API; nothing restates it here."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", " ", text)
+    out: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            out.append(line.rstrip())
+            continue
+        define = re.fullmatch(r"#\s*define\s+(ENCFS_\w+)\s+\S.*", stripped)
+        if define:
+            out.append(f"#define {define.group(1)} ...")
+    return "\n".join(line for line in out if line) + "\n"
+
+
+CDEF = cdef_from_header(HEADER.read_text())
 
 
 def _flags() -> tuple[list[str], list[str]]:
@@ -97,7 +77,7 @@ def make_builder(absolute: bool = False) -> cffi.FFI:
         libraries=["crypto", "pthread"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=[(here / "encfs_native.h").as_posix()],
+        depends=[(here / HEADER.name).as_posix()],
     )
     return builder
 

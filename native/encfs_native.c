@@ -1,8 +1,8 @@
 /* Cobblestone-256 chunk batches over OpenSSL 3 EVP AES-256-GCM, and secure memory.
  *
  * A batch is a task: its chunks are claimed in small ascending groups by the caller's thread
- * and by helpers from a persistent pool (started once, kept asleep between batches; starting
- * threads per batch cost ~8% of a 4 MiB read here). Each participant owns one
+ * and by helpers from a persistent pool (started once, kept asleep between batches, rather
+ * than threads started per batch). Each participant owns one
  * EVP_CIPHER_CTX, sets the key once and only the IV per chunk. Participants share the lowest
  * failing chunk index so work past a known failure stops early; the caller zeroes the
  * destination from that chunk on once every helper has left the task.
@@ -106,9 +106,7 @@ static uint8_t *thread_scratch(void) {
     } else {
         m = mmap(NULL, ENCFS_CHUNK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == MAP_FAILED) return NULL;
-#ifdef MADV_DONTDUMP
-        (void)madvise(m, ENCFS_CHUNK_SIZE, MADV_DONTDUMP);
-#endif
+        encfs_exclude_from_dumps(m, ENCFS_CHUNK_SIZE);
     }
     if (pthread_setspecific(scratch_key, m) != 0) {
         scratch_free(m);
@@ -603,11 +601,15 @@ static size_t page_round(size_t n) {
     return (n + page - 1) / page * page;
 }
 
+void encfs_exclude_from_dumps(void *p, size_t n) {
+#ifdef MADV_DONTDUMP
+    if (p && n) (void)madvise(p, page_round(n), MADV_DONTDUMP);
+#endif
+}
+
 int encfs_secure_lock(void *p, size_t n) {
     if (p == NULL || n == 0) return 0;
-#ifdef MADV_DONTDUMP
-    (void)madvise(p, page_round(n), MADV_DONTDUMP);
-#endif
+    encfs_exclude_from_dumps(p, n);
     if (mlock(p, n) != 0) {
         __atomic_add_fetch(&mlock_fallbacks, 1, __ATOMIC_RELAXED);
         return 0;
@@ -624,28 +626,10 @@ int encfs_secure_relock(void *p, size_t n) {
     return 0;
 }
 
-void encfs_secure_unlock(void *p, size_t n, int locked) {
+void encfs_secure_wipe_unlock(void *p, size_t n, int locked) {
     if (p == NULL || n == 0) return;
     OPENSSL_cleanse(p, n);
     if (locked && munlock(p, n) == 0) __atomic_sub_fetch(&locked_bytes, page_round(n), __ATOMIC_RELAXED);
-}
-
-void *encfs_secure_alloc(size_t n, int *locked) {
-    if (locked) *locked = 0;
-    if (n == 0) return NULL;
-    size_t len = page_round(n);
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return NULL;
-    int ok = encfs_secure_lock(p, len);
-    if (locked) *locked = ok;
-    return p;
-}
-
-void encfs_secure_free(void *p, size_t n, int locked) {
-    if (p == NULL || n == 0) return;
-    size_t len = page_round(n);
-    encfs_secure_unlock(p, len, locked);
-    munmap(p, len);
 }
 
 void encfs_cleanse(void *p, size_t n) {

@@ -53,7 +53,10 @@ int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint
                              size_t out_cap, int nthreads);
 
 /* Single-shot AES-256-GCM (32-byte key, 12-byte iv, 16-byte tag). seal writes ct||tag
- * (pt_len + 16 bytes); open takes ct||tag and writes the plaintext, zeroing it on failure. */
+ * (pt_len + 16 bytes); open takes ct||tag and writes the plaintext, zeroing it on failure.
+ * encfs seals and opens files through the chunk functions above; these two are the same
+ * OpenSSL calls with AAD, checked against Wycheproof by the tests (tests/native_helpers.py),
+ * and give the benchmarks the one-message EVP limit (benchmarks/bench_throughput.py). */
 int64_t encfs_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
                        const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
                        uint8_t *out, size_t out_cap);
@@ -61,19 +64,18 @@ int64_t encfs_gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, si
                        const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t ct_len,
                        uint8_t *out, size_t out_cap);
 
-/* Secure memory. secure_alloc maps whole pages, excludes them from core dumps and locks
- * them; when locking fails the pages stay unlocked, *locked is 0 and the fallback counter
- * goes up. secure_free cleanses, unlocks and unmaps. */
-void *encfs_secure_alloc(size_t n, int *locked);
-void encfs_secure_free(void *p, size_t n, int locked);
-/* The same, on pages someone else mapped: lock returns 1 when locked, 0 on fallback;
- * unlock cleanses n bytes and unlocks them when they were locked. */
+/* Secure memory, on pages the caller mapped (encfs.securemem's SecureBuffer; p page-aligned).
+ * exclude_from_dumps marks them MADV_DONTDUMP: the one place the native code does (the
+ * per-thread scratch included). lock excludes them from dumps and locks them: 1 when locked;
+ * 0 when mlock failed, and the fallback counter goes up (the pages are used unlocked). */
+void encfs_exclude_from_dumps(void *p, size_t n);
 int encfs_secure_lock(void *p, size_t n);
 /* Lock again pages whose lock was lost (a child after fork: mlock is not inherited) and that
  * the locked-bytes count still holds: 1 when locked; on failure they leave the count and the
  * fallback counter goes up. */
 int encfs_secure_relock(void *p, size_t n);
-void encfs_secure_unlock(void *p, size_t n, int locked);
+/* Cleanse n bytes, then unlock them when they were locked (locked != 0). */
+void encfs_secure_wipe_unlock(void *p, size_t n, int locked);
 void encfs_cleanse(void *p, size_t n);
 uint64_t encfs_mlock_fallbacks(void);
 uint64_t encfs_locked_bytes(void);

@@ -12,9 +12,13 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
-# torch is pinned: 2.13.0 is a CPU build on these machines; an unpinned torch pulls a multi-GB CUDA build.
-.venv/bin/python -m pip install -q --no-build-isolation -e '.[torch,pyarrow,s3,dev]'
+# Machine pins (torch 2.13.0, the CPU build here) live in scripts/constraints.txt, not in the
+# library's metadata: every install below goes through them.
+PIP=(.venv/bin/python -m pip install -q -c scripts/constraints.txt)
+# The build requirements of pyproject.toml, installed here because the editable install
+# builds without isolation (so the native extension is built against this venv's cffi).
+"${PIP[@]}" --upgrade pip 'setuptools>=77' 'cffi>=1.17'
+"${PIP[@]}" --no-build-isolation -e '.[torch,pyarrow,s3,dev]'
 .venv/bin/python -c "import encfs._native" 2>/dev/null \
   || echo "warning: native backend not built (install gcc and libssl-dev); using the python backend" >&2
 

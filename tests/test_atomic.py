@@ -125,3 +125,202 @@ def test_memory_backend_write_is_atomic_too(keyref):
             raise RuntimeError
     assert fs.cat_file("/atomic/x") == b"before"
     assert mem.ls("/atomic", detail=False) == ["/atomic/x"]
+
+
+# -- moved from tests/test_review_fixes.py (the first and second reviews' findings) ------------
+
+import stat  # noqa: E402
+
+import fsspec  # noqa: E402
+
+from encfs import EncfsError  # noqa: E402
+from encfs.keys import KeyRing  # noqa: E402
+
+
+def test_failed_with_block_through_fsspec_open_keeps_old_file(tmp_path, keyref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): a failed ``with
+    fsspec.open(...)`` block discards the new file and keeps the old one.
+    """
+    url = f"encfs::file://{tmp_path}/f.bin"
+    opts = {"encfs": {"key": keyref}}
+    with fsspec.open(url, "wb", **opts) as f:
+        f.write(b"old")
+    with pytest.raises(RuntimeError):
+        with fsspec.open(url, "wb", **opts) as f:
+            f.write(b"partial new contents")
+            raise RuntimeError("crash")
+    with fsspec.open(url, "rb", **opts) as f:
+        assert f.read() == b"old"
+    assert not [n for n in os.listdir(tmp_path) if TEMP_MARK in n]
+
+
+def test_failed_pandas_write_keeps_old_file(tmp_path, keyref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): a pandas write that fails
+    midway keeps the old file.
+    """
+    pd = pytest.importorskip("pandas")
+    opts = {"encfs": {"key": keyref}}
+    url = f"encfs::file://{tmp_path}/df.csv"
+    pd.DataFrame({"a": range(100)}).to_csv(url, index=False, storage_options=opts)
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("row 60000 cannot be formatted")
+
+    bad = pd.DataFrame({"a": [1] * 60000 + [Boom()]})
+    with pytest.raises(RuntimeError):
+        bad.to_csv(url, index=False, storage_options=opts)
+    assert len(pd.read_csv(url, storage_options=opts)) == 100
+
+
+def test_fsspec_transaction_commits_or_discards(tmp_path, keyref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): ``fs.transaction`` defers
+    files to its end and discards them when it fails.
+    """
+    fs = EncFileSystem(key=keyref, skip_instance_cache=True)
+    with pytest.raises(RuntimeError):
+        with fs.transaction:
+            with fs.open(f"{tmp_path}/t1", "wb") as f:
+                f.write(b"one")
+            raise RuntimeError
+    assert not fs.exists(f"{tmp_path}/t1")
+    with fs.transaction:
+        with fs.open(f"{tmp_path}/t2", "wb") as f:
+            f.write(b"two")
+        assert not fs.exists(f"{tmp_path}/t2"), "deferred until the transaction ends"
+    assert fs.cat_file(f"{tmp_path}/t2") == b"two"
+
+
+class _FlakySink:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def write(self, data):
+        self.calls += 1
+        if self.calls == 2:
+            raise OSError(28, "No space left on device")
+        return self.inner.write(data)
+
+    def commit(self):
+        self.inner.commit()
+
+    def discard(self):
+        self.inner.discard()
+
+
+def test_writer_is_poisoned_by_a_failed_write(tmp_path, keyref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): a failed write (full disk)
+    poisons the writer: later writes and ``close()`` raise, nothing appears.
+    """
+    from encfs.sink import LocalSink
+    from encfs.writer import PayloadWriter
+
+    (tmp_path / "f").write_bytes(b"previous")
+    w = PayloadWriter(_FlakySink(LocalSink(str(tmp_path / "f"))), KeyRing(keyref), block_chunks=1)
+    with pytest.raises(OSError):
+        w.write(b"x" * 20000)
+    with pytest.raises(EncfsError, match="earlier write failed"):
+        w.write(b"more")
+    with pytest.raises(EncfsError, match="earlier write failed"):
+        w.seal()
+    with pytest.raises(EncfsError, match="earlier write failed"):
+        w.commit()
+    assert (tmp_path / "f").read_bytes() == b"previous"
+    assert not [n for n in os.listdir(tmp_path) if TEMP_MARK in n]
+
+
+def test_local_writes_keep_mode_and_follow_symlinks(enc):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): replacing a local file keeps
+    its mode, and writing through one's own symlink writes the target.
+    """
+    fs, root = enc
+    fs.pipe_file(f"{root}/target", b"v1")
+    os.chmod(f"{root}/target", 0o600)
+    os.symlink(f"{root}/target", f"{root}/link")
+    fs.pipe_file(f"{root}/link", b"v2")
+    assert os.path.islink(f"{root}/link")
+    assert fs.cat_file(f"{root}/target") == b"v2"
+    assert stat.S_IMODE(os.stat(f"{root}/target").st_mode) == 0o600
+
+
+def test_writes_inside_except_and_finally_are_committed(tmp_path, keyref):
+    """From the second review (tests/test_review_fixes.py, commit 8c32070): writes made inside
+    ``except`` and ``finally`` blocks (emergency checkpoints) are committed.
+    """
+    fs = EncFileSystem(key=keyref, skip_instance_cache=True)
+    opts = {"encfs": {"key": keyref}}
+    try:
+        raise ValueError("handled")
+    except ValueError:
+        with fs.open(f"{tmp_path}/in-except", "wb") as f:
+            f.write(b"saved in except")
+        fs.pipe_file(f"{tmp_path}/pipe-in-except", b"piped")
+        with fsspec.open(f"encfs::file://{tmp_path}/url-in-except", "wb", **opts) as f:
+            f.write(b"url")
+    try:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            with fs.open(f"{tmp_path}/in-finally", "wb") as f:
+                f.write(b"checkpoint")
+    except KeyboardInterrupt:
+        pass
+    assert fs.cat_file(f"{tmp_path}/in-except") == b"saved in except"
+    assert fs.cat_file(f"{tmp_path}/pipe-in-except") == b"piped"
+    assert fs.cat_file(f"{tmp_path}/url-in-except") == b"url"
+    assert fs.cat_file(f"{tmp_path}/in-finally") == b"checkpoint"
+
+
+def test_a_new_failure_inside_except_still_discards(tmp_path, keyref):
+    """From the second review (tests/test_review_fixes.py, commit 8c32070): a new exception inside an
+    ``except`` block still discards the file its ``with`` owns; a discarded file cannot be
+    committed.
+    """
+    fs = EncFileSystem(key=keyref, skip_instance_cache=True)
+    with pytest.raises(RuntimeError):
+        try:
+            raise ValueError("first")
+        except ValueError:
+            with fs.open(f"{tmp_path}/f", "wb") as f:
+                f.write(b"half")
+                raise RuntimeError("second")
+    assert not fs.exists(f"{tmp_path}/f")
+    f = fs.open(f"{tmp_path}/g", "wb", autocommit=False)
+    f.discard()
+    with pytest.raises(EncfsError, match="discarded"):
+        f.commit()
+    assert not fs.exists(f"{tmp_path}/g")
+
+
+def test_temp_files_are_private_and_final_mode_follows_umask(tmp_path):
+    """From the second review (tests/test_review_fixes.py, commit 8c32070): temporary files are created
+    0600; the committed file gets the umask's mode.
+    """
+    from encfs.sink import LocalSink
+
+    sink = LocalSink(str(tmp_path / "new"))
+    assert stat.S_IMODE(os.stat(sink.tmp).st_mode) == 0o600
+    sink.write(b"x")
+    sink.commit()
+    old = os.umask(0o027)
+    try:
+        sink = LocalSink(str(tmp_path / "new2"))
+        sink.write(b"y")
+        sink.commit()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new2").st_mode) == 0o640
+
+
+def test_someone_elses_symlink_is_replaced_not_followed(enc):
+    """From the second review (tests/test_review_fixes.py, commit 8c32070): a symlink planted by
+    another user is replaced, never followed.
+    """
+    fs, root = enc
+    victim = f"{root}/victim"
+    open(victim, "wb").write(b"do not touch")
+    os.symlink(victim, f"{root}/planted")
+    os.lchown(f"{root}/planted", 65534, 65534)
+    fs.pipe_file(f"{root}/planted", b"new")
+    assert open(victim, "rb").read() == b"do not touch"
+    assert not os.path.islink(f"{root}/planted") and fs.cat_file(f"{root}/planted") == b"new"

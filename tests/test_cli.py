@@ -103,5 +103,7 @@ def test_errors_are_one_line_and_exit_1(tmp_path):
     (tmp_path / "plain").write_bytes(b"not encrypted")
     run("keygen", "-o", str(tmp_path / "k.key"))
     res = run("decrypt", "-k", f"keyfile:{tmp_path / 'k.key'}", str(tmp_path / "plain"), "-", check=False)
-    assert res.returncode == 1 and res.stderr.decode().startswith("encfs: error: not an encfs file")
+    err = res.stderr.decode()
+    assert res.returncode == 1 and err.startswith(f"encfs: error: {tmp_path / 'plain'}: not an encfs file")
+    assert "allow_plaintext" in err and err.count("\n") == 1, "one line that names the file and the option"
     assert b"Traceback" not in res.stderr

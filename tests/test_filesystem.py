@@ -119,10 +119,11 @@ def test_sequential_reads_prefetch_ahead_on_remote_targets(enc, keyref):
             buf = bytearray(8 * cs.CHUNK_SIZE)
             assert f.readinto(buf) == len(buf) and bytes(buf) == data[: len(buf)]
             f.read(10)
+            ahead = f._window.ahead
             if f_s is remote:
-                assert f._prefetch is not None and f._prefetch[:2] == (16, 8)
+                assert ahead is not None and ahead.pending == (16, 8)
             else:
-                assert f._prefetch is None and f._pool is None, "local files rely on kernel read-ahead"
+                assert ahead is None or (ahead.pending is None and not ahead.started), "local files rely on kernel read-ahead"
             assert f.read() == data[len(buf) + 10 :]
 
 
@@ -292,3 +293,151 @@ def test_lines_and_peek(enc):
         assert f.readline() == lines[0][5:]
         f.seek(0, 2)
         assert f.peek() == b"" and f.readline() == b""
+
+
+# -- moved from tests/test_review_fixes.py (the first and second reviews' findings) ------------
+
+import numpy as np  # noqa: E402
+
+
+def test_readers_survive_fork_into_dataloader_workers(tmp_path, keyref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): open readers keep working in
+    forked DataLoader workers.
+    """
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from encfs.loaders import EncryptedRecordDataset
+
+    arr = np.arange(64 * 5000, dtype=np.float32).reshape(5000, 64)
+    url = f"encfs::file://{tmp_path}/r.bin"
+    opts = {"encfs": {"key": keyref}}
+    with fsspec.open(url, "wb", **opts) as f:
+        f.write(arr.tobytes())
+    ds = EncryptedRecordDataset([url], (64,), np.float32, storage_options=opts)
+    assert torch.equal(ds[0], torch.from_numpy(arr[0]))
+    ds.__dict__["_handles"][0].read(100_000)
+    dl = DataLoader(ds, batch_size=250, num_workers=2, multiprocessing_context="fork")
+    assert torch.equal(torch.cat(list(dl)), torch.from_numpy(arr))
+
+
+def test_open_reader_used_after_fork(tmp_path, keyref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): a reader opened before
+    ``fork`` reads correctly in the child and the parent.
+    """
+    fs = EncFileSystem(key=keyref, skip_instance_cache=True)
+    data = os.urandom(300_000)
+    fs.pipe_file(f"{tmp_path}/x", data)
+    f = fs.open(f"{tmp_path}/x", "rb", readahead=2)
+    f.read(40_000)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            f.seek(0)
+            ok = f.read() == data
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    assert f.read() == data[40_000:]
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_listing_survives_a_malformed_file(enc):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): ``ls``/``find`` list a
+    malformed file as invalid instead of failing.
+    """
+    fs, root = enc
+    fs.pipe_file(f"{root}/good", b"g" * 1000)
+    raw = open(f"{root}/good", "rb").read()
+    open(f"{root}/bad-version", "wb").write(raw[:8] + b"\x09" + raw[9:])
+    open(f"{root}/bad-size", "wb").write(raw[: 1024 + 56 + 10])
+    entries = {os.path.basename(e["name"]): e for e in fs.ls(root)}
+    assert entries["good"]["size"] == 1000 and entries["good"]["encrypted"] is True
+    assert entries["bad-version"]["encrypted"].startswith("invalid")
+    assert entries["bad-size"]["encrypted"].startswith("invalid")
+    assert len(fs.find(root)) == 3
+    with pytest.raises(FormatError):
+        fs.cat_file(f"{root}/bad-version")
+
+
+def test_header_length_cache_follows_file_versions(enc, tmp_path):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): the cached header length
+    follows a file rewritten with a longer header.
+    """
+    from .conftest import write_key
+
+    fs, root = enc
+    path = f"{root}/v"
+    fs.pipe_file(path, b"a" * 10_000)
+    assert fs.info(path)["size"] == 10_000
+    many = [write_key(tmp_path / f"k{i}.key", x25519=True) for i in range(8)]
+    big = EncFileSystem(key=many, skip_instance_cache=True)
+    big.pipe_file(path, b"b" * (10_000 - 512))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert big.info(path)["ciphertext_size"] == os.path.getsize(path)
+    assert fs.info(path)["size"] == big.cat_file(path).__len__() == 9488
+
+
+def test_threads_sharing_one_reader_get_their_own_chunks(tmp_path, keyref, monkeypatch):
+    """From the second review (tests/test_review_fixes.py, commit 8c32070): threads sharing one chunk
+    reader each get their own chunks (per-call scratch in the python backend).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encfs import backend
+    from encfs import cobblestone as cs
+
+    monkeypatch.setattr(backend, "_BACKENDS", {})
+    monkeypatch.setenv("ENCFS_BACKEND", "python")
+    fs = EncFileSystem(key=keyref, skip_instance_cache=True)
+    data = b"".join(bytes([i]) * cs.CHUNK_SIZE for i in range(40))
+    fs.pipe_file(f"{tmp_path}/c", data)
+    reader = fs.open_reader(f"{tmp_path}/c")
+
+    def check(i: int) -> bool:
+        out = bytearray(cs.CHUNK_SIZE)
+        reader.read_chunks(i % 40, 1, memoryview(out))
+        return bytes(out) == bytes([i % 40]) * cs.CHUNK_SIZE
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(2000)))
+    reader.close()
+
+
+def test_random_reads_keep_small_buffers(enc):
+    """From the second review (tests/test_review_fixes.py, commit 8c32070): random reads allocate
+    ciphertext buffers on demand and keep them small.
+    """
+    from encfs import cobblestone as cs
+
+    fs, root = enc
+    fs.pipe_file(f"{root}/r", os.urandom(300 * cs.CHUNK_SIZE))
+    with fs.open(f"{root}/r", "rb") as f:
+        for pos in (5, 90 * cs.CHUNK_SIZE + 7, 200 * cs.CHUNK_SIZE, 17):
+            f.seek(pos)
+            f.read(4096)
+        assert sum(len(b) for b in f._window.ahead.buffers) <= 2 * cs.CT_CHUNK_SIZE
+        assert len(f._window.buffer) <= 2 * cs.CHUNK_SIZE
+
+
+def test_listing_survives_a_vanished_file(enc, monkeypatch):
+    """From the second review (tests/test_review_fixes.py, commit 8c32070): a file that vanishes while
+    a directory is listed is reported as invalid, not an error.
+    """
+    fs, root = enc
+    fs.pipe_file(f"{root}/a", b"a")
+    fs.pipe_file(f"{root}/b", b"b")
+    real = fs.fs.cat_file
+
+    def flaky(path, start=None, end=None, **kw):
+        if path.endswith("/b"):
+            raise FileNotFoundError(path)
+        return real(path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(fs.fs, "cat_file", flaky)
+    monkeypatch.setattr(fs.fs, "cat_ranges", lambda paths, *a, **k: [FileNotFoundError(p) for p in paths])
+    fs.invalidate_cache()
+    entries = {os.path.basename(e["name"]): e for e in fs.ls(root)}
+    assert entries["a"]["encrypted"] is True and entries["b"]["encrypted"].startswith("invalid")

@@ -102,3 +102,23 @@ def test_plaintext_size_from_sizes_alone():
     for bad in (1023, 1024 + 56 + 15, 1024 + 56 + 16400):
         with pytest.raises(FormatError):
             fmt.plaintext_size(bad, 1024)
+
+
+# -- moved from tests/test_review_fixes.py (the first and second reviews' findings) ------------
+
+
+def test_key_stanza_shape_is_enforced(enc, keyref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): a ``key`` stanza with
+    parameters it must not have is a ``FormatError``.
+    """
+    fs, root = enc
+    fs.pipe_file(f"{root}/s", b"x")
+    raw = open(f"{root}/s", "rb").read()
+    h = fmt.parse(raw)
+    st = h.stanzas[0]
+    odd = fmt.Stanza(st.type, st.key_id, b"extra", st.body)
+    body = struct.pack(">H", 1) + odd.encode()
+    head = raw[:32] + body + h.mac
+    open(f"{root}/s", "wb").write(head + bytes(h.length - len(head)) + raw[h.length :])
+    with pytest.raises(FormatError, match="malformed key stanza"):
+        fs.cat_file(f"{root}/s")

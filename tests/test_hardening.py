@@ -536,7 +536,7 @@ def test_key_and_window_memory_is_locked_and_left_out_of_core_dumps(enc):
     fs.pipe_file(f"{root}/f", os.urandom(100_000))
     with fs.open(f"{root}/f", "rb") as f:
         f.read(10)
-        window = f._win
+        window = f._window.buffer
         key = f._r._keys.key
         for addr in (buffer_address(window), buffer_address(key._arr)):
             flags = _vm_flags(addr)
@@ -544,3 +544,170 @@ def test_key_and_window_memory_is_locked_and_left_out_of_core_dumps(enc):
             if window.locked:
                 assert "lo" in flags, "locked in RAM"
     assert window.released and key.wiped
+
+
+# -- 3 (second audit). owners the frame walk must see, and handlers it must not mistake -------
+
+
+def _owner_cases(fs, p):
+    """(name, body, keeps_old): body writes b'PARTIAL' to ``p`` through a wrapper and fails."""
+    import codecs
+    import contextlib
+    import io
+
+    def closing():
+        with contextlib.closing(fs.open(p, "wb")) as f:
+            f.write(b"PARTIAL")
+            raise RuntimeError
+
+    def text_wrapper():
+        with io.TextIOWrapper(fs.open(p, "wb"), encoding="utf-8") as t:
+            t.write("PARTIAL")
+            raise RuntimeError
+
+    def buffered():
+        with io.BufferedWriter(fs.open(p, "wb")) as t:
+            t.write(b"PARTIAL")
+            raise RuntimeError
+
+    def stream_writer():
+        with codecs.getwriter("utf-8")(fs.open(p, "wb")) as w:
+            w.write("PARTIAL")
+            raise RuntimeError
+
+    @contextlib.contextmanager
+    def opened():
+        f = fs.open(p, "wb")
+        try:
+            yield f
+        finally:
+            f.close()
+
+    def generator_cm():
+        with opened() as f:
+            f.write(b"PARTIAL")
+            raise RuntimeError
+
+    def exit_stack_callback():
+        with contextlib.ExitStack() as st:
+            f = fs.open(p, "wb")
+            st.callback(f.close)
+            f.write(b"PARTIAL")
+            raise RuntimeError
+
+    def exit_stack_context():
+        with contextlib.ExitStack() as st:
+            st.enter_context(fs.open(p, "wb")).write(b"PARTIAL")
+            raise RuntimeError
+
+    class Holder:
+        def __init__(this):
+            this._f = fs.open(p, "wb")
+
+        def __enter__(this):
+            return this
+
+        def __exit__(this, *exc):
+            this._f.close()
+
+    def own_wrapper():
+        with Holder() as h:
+            h._f.write(b"PARTIAL")
+            raise RuntimeError
+
+    def explicit_finally():
+        f = fs.open(p, "wb")
+        try:
+            f.write(b"PARTIAL")
+            raise RuntimeError
+        finally:
+            f.close()  # documented: an explicit close commits
+
+    return [
+        ("contextlib.closing", closing, True),
+        ("io.TextIOWrapper", text_wrapper, True),
+        ("io.BufferedWriter", buffered, True),
+        ("codecs StreamWriter", stream_writer, True),
+        ("@contextmanager with finally close", generator_cm, True),
+        ("ExitStack.callback(f.close)", exit_stack_callback, True),
+        ("ExitStack.enter_context", exit_stack_context, True),
+        ("own wrapper, __exit__(this, *exc), self._f", own_wrapper, True),
+        ("explicit close in finally", explicit_finally, False),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_failed_with_of_any_owner_keeps_the_old_file(enc, case):
+    fs, root = enc
+    p = f"{root}/w{case}"
+    fs.pipe_file(p, b"OLD")
+    name, body, keeps_old = _owner_cases(fs, p)[case]
+    with pytest.raises(RuntimeError):
+        body()
+    fs.invalidate_cache()
+    assert fs.cat_file(p) == (b"OLD" if keeps_old else b"PARTIAL"), name
+    assert not _leftovers(root)
+
+
+def test_checkpoint_opened_and_closed_inside_a_failing_exit_is_kept(enc):
+    """An ``__exit__`` that holds the file as ``self.f`` but opened it itself, while the failure
+    unwinds, is a handler writing an emergency checkpoint, not a failing owner."""
+    fs, root = enc
+    fs.pipe_file(f"{root}/ckpt", b"OLD")
+
+    class Trainer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, et, e, tb):
+            self.f = fs.open(f"{root}/ckpt", "wb")
+            self.f.write(b"EMERGENCY")
+            self.f.close()
+
+    with pytest.raises(RuntimeError):
+        with Trainer():
+            raise RuntimeError("training crashed")
+    assert fs.cat_file(f"{root}/ckpt") == b"EMERGENCY"
+
+
+def test_failed_to_parquet_through_a_file_object_keeps_the_old_file(enc):
+    """pyarrow removes a *path* destination with ``os.remove`` when ``write_table`` fails,
+    bypassing the filesystem (README, Known issues); through a file object encfs keeps the
+    old file."""
+    pd = pytest.importorskip("pandas")
+    fs, root = enc
+    fs.pipe_file(f"{root}/t.parquet", b"OLD")
+    df = pd.DataFrame({"a": range(10)})
+    with pytest.raises(Exception):
+        with fs.open(f"{root}/t.parquet", "wb") as f:
+            df.to_parquet(f, compression="nonsense-codec")
+    assert fs.cat_file(f"{root}/t.parquet") == b"OLD"
+
+
+# -- errors name the file (read-path issue) -----------------------------------------------------
+
+
+def test_errors_name_the_file_through_every_api(enc, other_keyref):
+    pa = pytest.importorskip("pyarrow.parquet")
+    pd = pytest.importorskip("pandas")
+    from encfs import FormatError, IntegrityError, NoMatchingKeyError
+
+    fs, root = enc
+    pd.DataFrame({"a": range(5)}).to_parquet(f"{root}/plain.parquet")  # a stray plaintext file
+    fs.pipe_file(f"{root}/bad", os.urandom(50_000))
+    raw = bytearray(open(f"{root}/bad", "rb").read())
+    raw[-100] ^= 1
+    open(f"{root}/bad", "wb").write(raw)
+    fs.pipe_file(f"{root}/other", b"x")
+    wrong = EncFileSystem(key=other_keyref, skip_instance_cache=True)
+    for call, err, path in [
+        (lambda: fs.cat_file(f"{root}/plain.parquet"), FormatError, "plain.parquet"),
+        (lambda: pa.read_table(f"{root}/plain.parquet", filesystem=fs), FormatError, "plain.parquet"),
+        (lambda: fs.open(f"{root}/bad").read(), IntegrityError, "bad"),
+        (lambda: wrong.cat_file(f"{root}/other"), NoMatchingKeyError, "other"),
+    ]:
+        with pytest.raises(err) as e:
+            call()
+        assert e.value.path == f"{root}/{path}" and str(e.value).startswith(f"{root}/{path}: ")
+    with pytest.raises(FormatError, match="allow_plaintext=True"):
+        pd.read_parquet(f"encfs::file://{root}/plain.parquet", storage_options={"encfs": {"key": fs.keyring._key[0]}})

@@ -173,3 +173,128 @@ def test_file_close_wipes_its_chunk_key(tmp_path):
 def test_public_only_recipient_cannot_be_an_identity(tmp_path):
     pub = public_reference(X25519Identity.generate().recipient.public)
     assert KeyRing(pub).identities() == []
+
+
+# -- moved from tests/test_review_fixes.py (the first and second reviews' findings) ------------
+
+import os  # noqa: E402
+import stat  # noqa: E402
+import struct  # noqa: E402
+
+import fsspec  # noqa: E402
+
+from encfs import format as fmt  # noqa: E402
+
+
+@pytest.mark.parametrize("m,t,p", [(4 * 1024 * 1024, 1, 1), ((1 << 20) + 8, 1, 1), (1 << 20, 5, 1), (1024, 11, 1), (1024, 1, 17)])
+def test_argon2_bounds_are_tight(m, t, p):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): the Argon2id bounds are
+    tight: just past each limit is refused, the limits themselves pass.
+    """
+    with pytest.raises(FormatError, match="argon2"):
+        Argon2Params(m, t, p).check()
+    Argon2Params(1 << 20, 4, 16).check()
+
+
+def test_two_passphrase_stanzas_are_refused(tmp_path, monkeypatch, keyref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62), extended in the second: at
+    most one passphrase stanza, enforced on write, on rewrap and on read.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    from encfs.rewrap import rewrap
+
+    monkeypatch.setenv("P1", "one")
+    monkeypatch.setenv("P2", "two")
+    with pytest.raises(KeyReferenceError, match="at most one passphrase"):
+        EncFileSystem(key=["passphrase:env:P1", "passphrase:env:P2"], skip_instance_cache=True).pipe_file(f"{tmp_path}/f", b"x")
+    assert not os.path.exists(f"{tmp_path}/f")
+    fs = EncFileSystem(key=[keyref, "passphrase:env:P1"], skip_instance_cache=True)
+    fs.pipe_file(f"{tmp_path}/f", b"x")
+    before = open(f"{tmp_path}/f", "rb").read()
+    with pytest.raises(FormatError, match="at most one passphrase"):
+        rewrap(LocalFileSystem(), f"{tmp_path}/f", KeyRing(keyref), add=[load_reference("passphrase:env:P2")])
+    assert open(f"{tmp_path}/f", "rb").read() == before
+    h = fmt.parse(before)
+    two = [h.stanzas[1], h.stanzas[1], h.stanzas[0]]
+    enc_body = struct.pack(">H", 3) + b"".join(st.encode() for st in two)
+    head = before[:32] + enc_body + h.mac
+    open(f"{tmp_path}/g", "wb").write(head + bytes(h.length - len(head)) + before[h.length :])
+    with pytest.raises(FormatError, match="more than one passphrase"):
+        EncFileSystem(key=keyref, skip_instance_cache=True).cat_file(f"{tmp_path}/g")
+
+
+def test_instance_cache_separates_keys_and_environment(monkeypatch, tmp_path):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): fsspec's instance cache
+    never hands one key's filesystem to another key or ``$ENCFS_KEY``.
+    """
+    a = EncFileSystem(key=Passphrase(SecretBytes(b"alice")))
+    b = EncFileSystem(key=Passphrase(SecretBytes(b"bob")))
+    assert a is not b
+    monkeypatch.setenv("ENCFS_KEY", "env:ONE")
+    one = fsspec.filesystem("encfs")
+    monkeypatch.setenv("ENCFS_KEY", "env:TWO")
+    assert fsspec.filesystem("encfs") is not one
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["encfs-key-v1:" + "A" * 43, "keyfile:encfs-key-v1:" + "B" * 43, "Zm9vYmFyYmF6cXV4eHh4eHh4eHh4eHh4eHh4eHh4eHg", "passphrase:hunter2-literal"],
+)
+def test_misused_references_never_echo_their_value(ref):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): a key or passphrase given
+    where a reference belongs is refused without echoing it.
+    """
+    with pytest.raises(KeyReferenceError) as e:
+        load_reference(ref)
+    value = ref.split(":")[-1]
+    assert value not in str(e.value)
+
+
+def test_passphrase_file_first_line_is_split_on_newline_only(tmp_path):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): ``passphrase:file:`` takes
+    the first line, split on newlines only (a form feed stays).
+    """
+    (tmp_path / "pw").write_bytes(b"pass\x0cword\r\nsecond\n")
+    key = load_reference(f"passphrase:file:{tmp_path / 'pw'}")
+    assert bytes(key._pass.view()) == b"pass\x0cword"
+
+
+def test_noncanonical_base64_keys_are_refused(tmp_path):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): non-canonical base64 in an
+    ``x25519:`` reference is refused.
+    """
+    good = "A" * 42 + "E"
+    with pytest.raises(KeyReferenceError, match="canonical|43"):
+        load_reference("x25519:" + "A" * 42 + "B")
+    with pytest.raises(KeyReferenceError, match="43"):
+        load_reference("x25519:" + "A" * 42 + "=")
+    import base64
+
+    assert load_reference("x25519:" + good).public == base64.urlsafe_b64decode(good + "=")
+
+
+def test_wrong_passphrase_does_not_match_another_key(tmp_path, monkeypatch):
+    """From the first review (tests/test_review_fixes.py, commit 927ed62): a wrong passphrase is
+    ``NoMatchingKeyError``, never another key's match.
+    """
+    monkeypatch.setenv("P", "right")
+    EncFileSystem(key="passphrase:env:P", skip_instance_cache=True).pipe_file(f"{tmp_path}/f", b"x")
+    monkeypatch.setenv("P", "wrong")
+    with pytest.raises(NoMatchingKeyError):
+        EncFileSystem(key="passphrase:env:P", skip_instance_cache=True).cat_file(f"{tmp_path}/f")
+
+
+def test_keygen_never_overwrites_without_force(tmp_path):
+    """From the second review (tests/test_review_fixes.py, commit 8c32070): ``encfs keygen`` never
+    overwrites a key file without ``--force``, and writes it 0600.
+    """
+    from encfs.cli import main
+
+    assert main(["keygen", "-o", str(tmp_path / "k")]) == 0
+    first = (tmp_path / "k").read_text()
+    assert main(["keygen", "-o", str(tmp_path / "k")]) == 1
+    assert (tmp_path / "k").read_text() == first
+    assert main(["keygen", "-o", str(tmp_path / "k"), "--force"]) == 0
+    assert (tmp_path / "k").read_text() != first
+    assert stat.S_IMODE(os.stat(tmp_path / "k").st_mode) == 0o600

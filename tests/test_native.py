@@ -1,5 +1,6 @@
 """The native backend (encfs._native over OpenSSL) against Wycheproof, the Cobblestone-256
-vectors and the pure-Python backend; tamper handling in multi-threaded batches."""
+vectors and the pure-Python backend; tamper handling in multi-threaded batches; the C header
+as the one statement of the C API and of the chunk constants."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from . import native_helpers
 from .conftest import require_native, seal_span, shared_vectors
 
 require_native()
@@ -48,9 +50,11 @@ class _CountingLib:
 
 
 def test_wycheproof_aes_gcm(monkeypatch):
+    """Every Wycheproof AES-GCM vector through the C single-shot primitives (test helpers in
+    tests/native_helpers.py); sizes other than 32/12/16 are refused before reaching C."""
     data = json.loads((shared_vectors("wycheproof") / "aes_gcm_test.json").read_text())
-    counting = _CountingLib(nb.lib)
-    monkeypatch.setattr(nb, "lib", counting)
+    counting = _CountingLib(native_helpers.lib)
+    monkeypatch.setattr(native_helpers, "lib", counting)
     seen = {"valid": 0, "invalid": 0, "rejected": 0}
     for group in data["testGroups"]:
         for t in group["tests"]:
@@ -60,20 +64,92 @@ def test_wycheproof_aes_gcm(monkeypatch):
             if (len(key), len(iv), len(tag)) != (32, 12, 16):
                 before = counting.calls
                 with pytest.raises(ValueError):
-                    nb.aes256gcm_decrypt(key, iv, ct, tag, aad)
+                    native_helpers.aes256gcm_decrypt(key, iv, ct, tag, aad)
                 with pytest.raises(ValueError):
-                    nb.aes256gcm_encrypt(key, iv, msg, aad, tag_size=len(tag))
+                    native_helpers.aes256gcm_encrypt(key, iv, msg, aad, tag_size=len(tag))
                 assert counting.calls == before, f"{label}: unsupported sizes reached the C primitive"
                 seen["rejected"] += 1
             elif t["result"] == "valid":
-                assert nb.aes256gcm_decrypt(key, iv, ct, tag, aad) == msg, label
-                assert nb.aes256gcm_encrypt(key, iv, msg, aad) == ct + tag, label
+                assert native_helpers.aes256gcm_decrypt(key, iv, ct, tag, aad) == msg, label
+                assert native_helpers.aes256gcm_encrypt(key, iv, msg, aad) == ct + tag, label
                 seen["valid"] += 1
             elif t["result"] == "invalid":
                 with pytest.raises(IntegrityError):
-                    nb.aes256gcm_decrypt(key, iv, ct, tag, aad)
+                    native_helpers.aes256gcm_decrypt(key, iv, ct, tag, aad)
                 seen["invalid"] += 1
     assert seen["valid"] > 20 and seen["invalid"] > 10 and seen["rejected"] > 100, seen
+
+
+def test_wycheproof_aes_gcm_through_the_chunk_api():
+    """The Wycheproof vectors a single chunk can express (AES-256, 96-bit IV, 128-bit tag, no
+    AAD, under 16 KiB) through the chunk functions encfs reads and writes with: chunk 0 under
+    base nonce IV is AES-GCM under IV, and a short piece is the final chunk."""
+    data = json.loads((shared_vectors("wycheproof") / "aes_gcm_test.json").read_text())
+    seen = {"valid": 0, "invalid": 0}
+    for group in data["testGroups"]:
+        if (group["keySize"], group["ivSize"], group["tagSize"]) != (256, 96, 128):
+            continue
+        for t in group["tests"]:
+            key, iv, aad, msg, ct, tag = (bytes.fromhex(t[k]) for k in ("key", "iv", "aad", "msg", "ct", "tag"))
+            if aad or len(msg) >= CHUNK or t["result"] not in ("valid", "invalid"):
+                continue
+            label = f"tcId {t['tcId']} ({t['comment']})"
+            for threads in (1, 2):
+                cipher = nb.NativeBackend(threads=threads, min_chunks_per_thread=1).chunk_cipher(memoryview(key), iv)
+                out = bytearray(b"\xaa" * len(msg))
+                if t["result"] == "valid":
+                    assert cipher.decrypt_into(0, memoryview(ct + tag), memoryview(out)) == len(msg), label
+                    assert out == msg, label
+                    sealed = bytearray(len(msg) + 16)
+                    assert cipher.encrypt_into(0, memoryview(msg), memoryview(sealed), final=True) == len(sealed)
+                    assert sealed == ct + tag, label
+                else:
+                    with pytest.raises(IntegrityError):
+                        cipher.decrypt_into(0, memoryview(ct + tag), memoryview(out))
+                    assert not any(out), label
+                cipher.close()
+            seen[t["result"]] += 1
+    assert seen["valid"] > 15 and seen["invalid"] > 10, seen
+
+
+def test_chunk_constants_agree_with_c():
+    """encfs.cobblestone's chunk constants are the C library's (native/encfs_native.h)."""
+    lib = nb.lib
+    pairs = {
+        "CHUNK_SIZE": lib.ENCFS_CHUNK_SIZE,
+        "TAG_SIZE": lib.ENCFS_TAG_SIZE,
+        "CT_CHUNK_SIZE": lib.ENCFS_CT_CHUNK_SIZE,
+        "KEY_SIZE": lib.ENCFS_KEY_SIZE,
+        "NONCE_SIZE": lib.ENCFS_NONCE_SIZE,
+        "MAX_CHUNKS": lib.ENCFS_MAX_CHUNKS,
+    }
+    for name, c_value in pairs.items():
+        assert getattr(cs, name) == c_value, f"cobblestone.{name} = {getattr(cs, name)}, C says {c_value}"
+
+
+def _build_native_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_native", Path(__file__).resolve().parents[1] / "native" / "build_native.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    return builder
+
+
+def test_cdef_is_derived_from_the_header():
+    """build_native.py's cdef is encfs_native.h's declarations: every function and ENCFS_
+    constant the header declares is in the built library, and nothing else is declared."""
+    builder = _build_native_module()
+    header = builder.HEADER.read_text()
+    functions = set(re.findall(r"\b(encfs_\w+)\s*\(", re.sub(r"/\*.*?\*/", "", header, flags=re.S)))
+    constants = set(re.findall(r"^#define (ENCFS_\w+) \S", header, flags=re.M))
+    assert {"encfs_decrypt_chunks", "encfs_secure_lock", "encfs_exclude_from_dumps"} <= functions
+    assert {"ENCFS_CHUNK_SIZE", "ENCFS_MAX_CHUNKS", "ENCFS_E_TRUNCATED"} <= constants
+    assert set(re.findall(r"\b(encfs_\w+)\s*\(", builder.CDEF)) == functions
+    assert set(re.findall(r"#define (ENCFS_\w+) \.\.\.", builder.CDEF)) == constants
+    declared = {name for name in dir(nb.lib) if name.lower().startswith("encfs_")}
+    assert declared == functions | constants, declared ^ (functions | constants)
+    assert "/*" not in builder.CDEF and "#include" not in builder.CDEF
 
 
 def _pattern_message(case: dict) -> bytes:
@@ -321,11 +397,7 @@ def test_auto_routes_by_length_with_identical_results(chunks):
 
 def test_hot_calls_release_the_gil(tmp_path):
     """cffi API mode wraps each batch call in Py_BEGIN/END_ALLOW_THREADS."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_native", Path(__file__).resolve().parents[1] / "native" / "build_native.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
+    builder = _build_native_module()
     c_file = tmp_path / "_native.c"
     builder.make_builder(absolute=True).emit_c_code(str(c_file))
     source = c_file.read_text()

@@ -1,6 +1,7 @@
 """Hardening of the native path against concurrent use: no unverified plaintext ever visible in
 a destination, close() and release() racing running calls, key pages locked again in a
-forked child, and checked ENCFS_* settings."""
+forked child (at-fork actions registered with encfs.forking, in order), and checked ENCFS_*
+settings."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import require_native, seal_span
+from .native_helpers import vma_of
 
 require_native()
 
@@ -213,29 +215,8 @@ def test_release_inside_own_pin_defers_the_wipe():
     assert not any(view)
 
 
-_FORK_CHILD_CHECK = """
-def vma_of(addr):
-    with open("/proc/self/smaps") as f:
-        lines = f.read().splitlines()
-    found = None
-    for line in lines:
-        head = line.split()[0] if line else ""
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            found = {} if lo <= addr < hi else None
-        elif found is not None and ":" in line:
-            k, v = line.split(":", 1)
-            found[k] = v.strip()
-            if k == "VmFlags":
-                return found
-    return None
-"""
-
-
 def _vma_locked(addr: int) -> tuple[bool, int]:
-    ns: dict[str, object] = {}
-    exec(_FORK_CHILD_CHECK, ns)
-    vma = ns["vma_of"](addr)  # type: ignore[operator]
+    vma = vma_of(addr)
     assert vma is not None
     return "lo" in vma["VmFlags"].split(), int(vma["Locked"].split()[0])
 
@@ -280,6 +261,23 @@ def test_fork_child_relocks_key_pages(monkeypatch, memory):
     assert report.startswith("1 "), f"child: ok key_locked key_kib own_locked own_kib count parent_count = {report}"
     own.release()
     secret.wipe()
+
+
+def test_at_fork_actions_are_registered_in_order():
+    """securemem, secret and the native backend act after fork through encfs.forking (no
+    os.register_at_fork of their own), securemem first: its fresh locks and re-locked pages
+    come before anything that uses them."""
+    import inspect
+
+    from encfs import _native_backend, forking, secret
+
+    modules = [securemem, secret, _native_backend]
+    actions = [m._renew_after_fork for m in modules]
+    positions = [forking._actions.index(a) for a in actions]
+    assert positions == sorted(positions), positions
+    assert forking._actions.index(forking._renew_shared_lock) < positions[0]
+    for m in modules:
+        assert "register_at_fork" not in inspect.getsource(m), m.__name__
 
 
 def test_threads_setting_is_checked(monkeypatch):

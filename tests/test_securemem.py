@@ -1,9 +1,8 @@
-"""Secure memory: SecureBuffer views and release, BufferPool, the mlock fallback, SecretBytes,
-and the sanitizer (ASan + UBSan) build of the native code."""
+"""Secure memory: SecureBuffer views and release, core-dump exclusion, the mlock fallback,
+SecretBytes, and the sanitizer (ASan + UBSan) build of the native code."""
 
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import shutil
@@ -18,7 +17,9 @@ import pytest
 from encfs import secret as secret_mod
 from encfs import securemem
 from encfs.secret import SecretBytes
-from encfs.securemem import BufferPool, SecureBuffer
+from encfs.securemem import SecureBuffer
+
+from .native_helpers import vm_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -121,49 +122,31 @@ def test_release_all_at_exit(memory):
     assert all(b.released for b in bufs) and not any(any(v) for v in views)
 
 
-def test_pool_recycles_zeroed_buffers(memory):
-    with BufferPool(8192, max_buffers=2) as pool:
-        a = pool.acquire()
-        a[:5] = b"hello"
-        pool.release(a)
-        b = pool.acquire()
-        assert b is a and b[:] == bytes(8192)
-        with pool.lease() as c:
-            assert c is not b and not any(memoryview(c))
-            with pytest.raises(TimeoutError):
-                pool.acquire(timeout=0.01)
-        assert pool.in_use == 1 and pool.idle == 1
-        with pytest.raises(ValueError):
-            pool.release(SecureBuffer(8192))
-        pool.release(b)
-        with pytest.raises(ValueError):
-            pool.release(b)
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps (Linux)")
+@pytest.mark.parametrize("lock", [True, False])
+def test_buffers_are_left_out_of_core_dumps(memory, lock):
+    """Every SecureBuffer is MADV_DONTDUMP, locked or not; the memory backend marks it (in C
+    for the native memory), not SecureBuffer itself."""
+    calls: list[str] = []
+    mem = securemem._mem
+    for name in ("lock", "exclude_from_dumps"):
+        real = getattr(mem, name)
 
+        def spy(addr, n, real=real, name=name):
+            calls.append(name)
+            return real(addr, n)
 
-def test_pool_retires_buffers_with_live_views(memory):
-    with BufferPool(4096, max_buffers=1) as pool:
-        a = pool.acquire()
-        view = memoryview(a)
-        view[:4] = b"data"
-        pool.release(a)
-        assert a.released and pool.idle == 0
-        assert not any(view)
-        b = pool.acquire()
-        assert b is not a
-        b[:4] = b"next"
-        assert not any(view)  # the old view never sees the next user's bytes
-        pool.release(b)
-
-
-def test_pool_forgets_dropped_buffers(memory):
-    pool = BufferPool(4096, max_buffers=1)
-    pool.acquire()  # dropped at once
-    gc.collect()
-    assert pool.in_use == 0
-    pool.release(pool.acquire(timeout=1))
-    pool.close()
-    with pytest.raises(ValueError):
-        pool.acquire()
+        setattr(mem, name, spy)
+    try:
+        with SecureBuffer(3 * securemem.PAGE_SIZE + 1, lock=lock) as buf:
+            flags = vm_flags(securemem.buffer_address(buf))
+            assert "dd" in flags, flags
+            if buf.locked:
+                assert "lo" in flags, flags
+            assert calls[:1] == (["lock"] if lock else ["exclude_from_dumps"]), calls  # lock excludes too
+    finally:
+        for name in ("lock", "exclude_from_dumps"):
+            vars(mem).pop(name, None)
 
 
 _DROP_CAP_IPC_LOCK = """
@@ -196,10 +179,6 @@ with warnings.catch_warnings(record=True) as caught:
     from encfs.secret import SecretBytes
     bufs = [securemem.SecureBuffer(10000) for _ in range(3)]
     secrets = [SecretBytes(bytes([i]) * 32) for i in range(1, 200)] + [SecretBytes(b"z" * 5000)]
-    pool = securemem.BufferPool(4096, 2)
-    with pool.lease() as b:
-        b[:3] = b"abc"
-        assert b[:3] == b"abc"
     for buf in bufs:
         memoryview(buf)[:5] = b"12345"
         assert buf[:5] == b"12345" and not buf.locked
@@ -392,6 +371,8 @@ _SANITIZER_DRIVER = """
     native = importlib.util.module_from_spec(spec)
     sys.modules["encfs._native"] = native
     spec.loader.exec_module(native)
+    sys.path.insert(0, os.getcwd())  # the repository root: tests.native_helpers
+    from tests import native_helpers as nh
 
     from encfs import _native_backend as nb, securemem
     from encfs import cobblestone as cs
@@ -399,7 +380,7 @@ _SANITIZER_DRIVER = """
     from encfs.errors import FormatError, IntegrityError
     from encfs.secret import SecretBytes
 
-    assert nb.lib is native.lib and securemem._mem._lib is native.lib
+    assert nb.lib is native.lib and securemem._mem._lib is native.lib and nh.lib is native.lib
     with open("/proc/self/maps") as maps:
         assert "libasan" in maps.read(), "the ASan runtime is not loaded"
     CH, CT = cs.CHUNK_SIZE, cs.CT_CHUNK_SIZE
@@ -472,25 +453,22 @@ _SANITIZER_DRIVER = """
                 pass
             c.close()
             checks += 1
-    sealed = nb.aes256gcm_encrypt(key, nonce, b"hello", b"aad")
-    assert nb.aes256gcm_decrypt(key, nonce, sealed[:-16], sealed[-16:], b"aad") == b"hello"
-    assert nb.aes256gcm_decrypt(key, nonce, b"", nb.aes256gcm_encrypt(key, nonce, b"")) == b""
+    sealed = nh.aes256gcm_encrypt(key, nonce, b"hello", b"aad")
+    assert nh.aes256gcm_decrypt(key, nonce, sealed[:-16], sealed[-16:], b"aad") == b"hello"
+    assert nh.aes256gcm_decrypt(key, nonce, b"", nh.aes256gcm_encrypt(key, nonce, b"")) == b""
     try:
-        nb.aes256gcm_decrypt(key, nonce, sealed[:-16], bytes(16), b"aad")
+        nh.aes256gcm_decrypt(key, nonce, sealed[:-16], bytes(16), b"aad")
         raise AssertionError("bad tag accepted")
     except IntegrityError:
         pass
     for n in (1, 4096, 10000):
-        buf = securemem.SecureBuffer(n)
-        memoryview(buf)[:] = b"s" * n
-        view = memoryview(buf)
-        buf.release()
-        assert not any(view)
+        for lock in (True, False):
+            buf = securemem.SecureBuffer(n, lock=lock)
+            memoryview(buf)[:] = b"s" * n
+            view = memoryview(buf)
+            buf.release()
+            assert not any(view)
         checks += 1
-    pool = securemem.BufferPool(5000, 2)
-    with pool.lease() as b:
-        b[:2] = b"ok"
-    pool.close()
     secrets = [SecretBytes(os.urandom(n)) for n in (1, 16, 32, 33, 2048, 2049, 9000)]
     for s in secrets:
         s.wipe()
@@ -522,11 +500,6 @@ _SANITIZER_DRIVER = """
     if relock.locked:
         assert lib.encfs_secure_relock(ffi.from_buffer(relock), len(relock)) in (0, 1)
     relock.release()
-    locked = ffi.new("int *")
-    p = lib.encfs_secure_alloc(100, locked)
-    assert p != ffi.NULL
-    ffi.memmove(p, b"x" * 100, 100)
-    lib.encfs_secure_free(p, 100, locked[0])
     assert lib.encfs_mlock_probe() in (0, 1)
     print(nb.native_status())
     print(f"sanitized driver: all checks passed ({checks + 1} groups)")

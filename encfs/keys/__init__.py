@@ -1,13 +1,15 @@
-"""Keys: references, recipients (wrap a file key) and identities (unwrap it)."""
+"""Keys: references, recipients (wrap a file key) and identities (unwrap it). Each recipient
+type registers itself once (registry.py); importing this package registers the built-in ones."""
 
 from .base import Identity, Recipient, new_file_key
 from .passphrase import Argon2Params, Passphrase
 from .refs import KeyRing, key_file_text, load_reference, public_reference
+from .registry import RecipientType, register
 from .symmetric import SymmetricKey
 from .x25519 import X25519Identity, X25519Recipient
 
 __all__ = [
-    "Argon2Params", "Identity", "KeyRing", "Passphrase", "Recipient", "SymmetricKey",
+    "Argon2Params", "Identity", "KeyRing", "Passphrase", "Recipient", "RecipientType", "SymmetricKey",
     "X25519Identity", "X25519Recipient", "key_file_text", "load_reference", "new_file_key",
-    "public_reference",
+    "public_reference", "register",
 ]

@@ -41,6 +41,12 @@ class Identity(Protocol):
         """The file key, or None when this stanza is not for this identity (auth failed)."""
 
 
+def check_shape(stanza: Stanza, key_id_size: int, params_size: int, expected: str) -> None:
+    """``FormatError`` unless the stanza's key id and params have the sizes its type fixes."""
+    if len(stanza.key_id) != key_id_size or len(stanza.params) != params_size:
+        raise FormatError(f"malformed {stanza.type} stanza: {expected} expected")
+
+
 def hkdf32(ikm: memoryview | bytes, salt: bytes, info: bytes) -> SecretBytes:
     return derive_secret(HKDF(hashes.SHA256(), 32, salt=salt, info=info), ikm, 32)
 

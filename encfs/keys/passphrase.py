@@ -8,6 +8,7 @@ limits (``check``) still cap what any reader accepts."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import struct
 from dataclasses import dataclass
@@ -15,13 +16,16 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from ..env import ARGON2_MAX_MEMORY_KIB, env_int
-from ..errors import FormatError
+from ..errors import FormatError, KeyReferenceError
 from ..format import Stanza
 from ..kdf import derive_secret
 from ..secret import SecretBytes
-from .base import open_stanza, seal_stanza
+from .base import check_shape, open_stanza, seal_stanza
+from .registry import RecipientType, register
+from .sources import env_bytes, read_secret_file, wipe
 
 TYPE = "passphrase"
+SCHEME = "passphrase"
 SALT_SIZE = 16
 MAX_LANES = 16
 MAX_ITERATIONS = 10
@@ -51,6 +55,19 @@ class Argon2Params:
 
 
 DEFAULT_PARAMS = Argon2Params()
+
+
+def _salt_and_params(stanza: Stanza) -> tuple[bytes, Argon2Params]:
+    check_shape(stanza, 0, _PARAMS.size, f"empty key id and {_PARAMS.size} bytes of params")
+    salt, m, t, lanes = _PARAMS.unpack(stanza.params)
+    p = Argon2Params(m, t, lanes)
+    p.check()
+    return salt, p
+
+
+def check_stanza(stanza: Stanza) -> None:
+    """Empty key id, 28 bytes of params, Argon2id cost within the format's limits."""
+    _salt_and_params(stanza)
 
 
 class Passphrase:
@@ -105,11 +122,7 @@ class Passphrase:
         return stanza.type == TYPE
 
     def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
-        if len(stanza.params) != _PARAMS.size or stanza.key_id:
-            raise FormatError("malformed passphrase stanza")
-        salt, m, t, lanes = _PARAMS.unpack(stanza.params)
-        p = Argon2Params(m, t, lanes)
-        p.check()
+        salt, p = _salt_and_params(stanza)
         self._check_affordable(p)
         return open_stanza(stanza, self._derive(salt, p), context)
 
@@ -118,3 +131,59 @@ class Passphrase:
 
     def __repr__(self) -> str:
         return f"<Passphrase #{id(self):x} from {self.source}>"
+
+
+def _checked_passphrase(buf: bytearray, source: str) -> bytearray:
+    """``buf`` if it is UTF-8 text (as a typed passphrase is); else wipe it and refuse."""
+    valid = True
+    try:
+        str(buf, "utf-8")
+    except UnicodeDecodeError:
+        valid = False
+    if valid:
+        return buf
+    wipe(buf)
+    raise KeyReferenceError(f"{source}: passphrase is not UTF-8 text")
+
+
+def _first_line_passphrase(buf: bytearray, source: str) -> bytearray:
+    """The first line of ``buf`` (without its line break) as a new bytearray; ``buf`` is
+    wiped. Refuses text that is not UTF-8 (it would not match a typed passphrase)."""
+    problem = ""
+    try:
+        end = buf.find(b"\n")
+        end = len(buf) if end < 0 else end
+        if end and buf[end - 1] == 0x0D:
+            end -= 1
+        valid = True
+        try:
+            str(memoryview(buf)[:end], "utf-8")
+        except UnicodeDecodeError:
+            valid = False
+        if not valid:
+            problem = "passphrase is not UTF-8 text"
+        else:
+            return buf[:end]
+    finally:
+        wipe(buf)
+    raise KeyReferenceError(f"{source}: {problem}")
+
+
+def load_passphrase(value: str, ref: str) -> Passphrase:
+    """``passphrase:env:NAME``, ``passphrase:file:PATH`` (first line) or ``passphrase:prompt``."""
+    kind, _, arg = value.partition(":")
+    if kind == "env":
+        raw = _checked_passphrase(env_bytes(arg, ref), ref)
+    elif kind == "file":
+        raw = _first_line_passphrase(read_secret_file(arg, ref, "passphrase file"), ref)
+    elif kind == "prompt" and not arg:
+        raw = bytearray(getpass.getpass("encfs passphrase: ").encode("utf-8"))
+    else:
+        raise KeyReferenceError("malformed passphrase reference: use passphrase:env:NAME, passphrase:file:PATH or passphrase:prompt")
+    if not raw:
+        raise KeyReferenceError(f"{ref}: empty passphrase")
+    return Passphrase(SecretBytes.take(raw), ref)
+
+
+# At most one per header: a hostile header must not make a reader run Argon2id twice.
+register(RecipientType(TYPE, (Passphrase,), check_stanza, schemes={SCHEME: load_passphrase}, max_per_header=1))

@@ -7,58 +7,37 @@ CLIs, environment variables and pickles. The grammar (docs/KEYS.md)::
     passphrase:file:PATH    a passphrase: the first line of a file
     passphrase:prompt       ask on the terminal (interactive CLI use)
     x25519:PUBLIC           an X25519 public key (encrypt only)
+
+Each scheme's loader is registered (registry.py): ``keyfile:`` and ``env:`` here, as they hold
+key files of any type with a key-file prefix; the others by their recipient type's module.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import getpass
-import os
-import re
-import stat
 from typing import Iterable, Union
 
-from ..errors import FormatError, KeyReferenceError, NoMatchingKeyError
+from .. import env
+from ..errors import KeyReferenceError, NoMatchingKeyError
 from ..format import Header
 from ..secret import SecretBytes
+from . import registry
 from .base import Identity, Recipient
-from .passphrase import Passphrase
+from .sources import MAX_KEY_FILE_BYTES, b64encode, env_bytes, read_secret_file, wipe
+from .symmetric import KEY_FILE_PREFIX as KEY_PREFIX
 from .symmetric import SymmetricKey
-from .x25519 import X25519Identity, X25519Recipient
+from .x25519 import KEY_FILE_PREFIX as IDENTITY_PREFIX
+from .x25519 import X25519Identity, public_reference
 
-KEY_PREFIX = "encfs-key-v1:"
-IDENTITY_PREFIX = "encfs-x25519-identity-v1:"
-PUBLIC_PREFIX = "x25519:"
-KNOWN_STANZA_TYPES = {"key", "passphrase", "x25519"}
-ENV_DEFAULT = "ENCFS_KEY"
-_B64URL = re.compile(r"[A-Za-z0-9_-]{43}")
-_SCHEME = re.compile(r"[a-z0-9-]{1,16}")
+__all__ = [
+    "ENV_DEFAULT", "IDENTITY_PREFIX", "KEY_PREFIX", "MAX_KEY_FILE_BYTES", "KeyObject", "KeyRing", "KeySpec",
+    "key_file_text", "load_reference", "parse_key_text", "public_reference",
+]
 
-KeyObject = Union[SymmetricKey, X25519Identity, X25519Recipient, Passphrase]
+ENV_DEFAULT = env.KEY  # kept for importers; read it with env.default_key()
+
+KeyObject = Union[Recipient, Identity]
+"""A loaded key of any registered type (``registry.is_key_object``)."""
 KeySpec = Union[str, KeyObject, Iterable[Union[str, KeyObject]], None]
-
-
-def b64encode(raw: bytes | memoryview) -> str:
-    return base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode("ascii")
-
-
-def b64decode32(text: str, what: str) -> bytearray:
-    """Exactly 43 characters of canonical unpadded base64url, encoding 32 bytes."""
-    if len(text) != 43 or not _B64URL.fullmatch(text):
-        raise KeyReferenceError(f"{what} must be 43 characters of unpadded base64url (32 bytes)")
-    try:
-        raw = bytearray(base64.b64decode(text + "=", altchars=b"-_", validate=True))
-    except (binascii.Error, ValueError):
-        raise KeyReferenceError(f"{what} is not valid base64url") from None
-    if len(raw) != 32 or b64encode(raw) != text:
-        raw[:] = bytes(len(raw))
-        raise KeyReferenceError(f"{what} is not canonical base64url")
-    return raw
-
-
-def public_reference(public: bytes) -> str:
-    return PUBLIC_PREFIX + b64encode(public)
 
 
 def key_file_text(key: SymmetricKey | X25519Identity) -> str:
@@ -72,11 +51,6 @@ def key_file_text(key: SymmetricKey | X25519Identity) -> str:
     return f"# encfs symmetric key. Keep secret.\n{KEY_PREFIX}{b64encode(key.secret.view())}\n"
 
 
-MAX_KEY_FILE_BYTES = 64 * 1024
-"""Key files and passphrase files larger than this are refused (a key file is ~100 bytes)."""
-
-_KEY_PREFIX_B = KEY_PREFIX.encode("ascii")
-_IDENTITY_PREFIX_B = IDENTITY_PREFIX.encode("ascii")
 _B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _B64URL_VALUE = [-1] * 256
 for _i, _c in enumerate(_B64URL_ALPHABET):
@@ -84,11 +58,6 @@ for _i, _c in enumerate(_B64URL_ALPHABET):
 del _i, _c
 _BLANK = frozenset(b" \t\x0b\x0c")
 _EOL = frozenset(b"\r\n")
-
-
-def _wipe(buf: bytearray | None) -> None:
-    if buf is not None:
-        buf[:] = bytes(len(buf))
 
 
 def _b64url32_into(buf: bytearray, start: int, end: int, out: bytearray) -> bool:
@@ -115,7 +84,7 @@ def _b64url32_into(buf: bytearray, start: int, end: int, out: bytearray) -> bool
     ok = ok and j == 32 and bits == 2 and acc & 0b11 == 0
     acc = v = 0
     if not ok:
-        _wipe(out)
+        wipe(out)
     return ok
 
 
@@ -157,14 +126,15 @@ def _content_lines(buf: bytearray) -> tuple[list[tuple[int, int]], int, str]:
     return lines, bad_line, why
 
 
-def _parse_key_buffer(buf: bytearray, source: str) -> SymmetricKey | X25519Identity:
-    """Parse key-file bytes (docs/FORMAT.md §5). The caller owns and wipes ``buf``.
+def _parse_key_buffer(buf: bytearray, source: str) -> KeyObject:
+    """Parse key-file bytes (docs/FORMAT.md §5): one line ``PREFIX<base64url>``, the prefix of
+    a registered type (``RecipientType.key_file_prefix``). The caller owns and wipes ``buf``.
 
     Errors are raised only after the decoded key buffer is wiped, outside any ``except``
     block (no ``__context__``), and name ``source``, never content."""
     problem = ""
     raw = bytearray(32)
-    kind = ""
+    rtype = None
     try:
         lines, bad_line, why = _content_lines(buf)
         if bad_line:
@@ -173,160 +143,64 @@ def _parse_key_buffer(buf: bytearray, source: str) -> SymmetricKey | X25519Ident
             problem = f"expected exactly one key line, found {len(lines)}"
         else:
             s, e = lines[0]
-            if buf.startswith(_KEY_PREFIX_B, s, e):
-                kind, s = "key", s + len(_KEY_PREFIX_B)
-            elif buf.startswith(_IDENTITY_PREFIX_B, s, e):
-                kind, s = "identity", s + len(_IDENTITY_PREFIX_B)
+            types = registry.key_file_types()
+            for t in types:
+                prefix = t.key_file_prefix.encode("ascii")
+                if buf.startswith(prefix, s, e):
+                    rtype, s = t, s + len(prefix)
+                    break
             else:
-                problem = f"not an encfs key file (expected '{KEY_PREFIX}...' or '{IDENTITY_PREFIX}...')"
-            if kind and not _b64url32_into(buf, s, e, raw):
-                problem = f"{kind} must be 43 characters of canonical unpadded base64url (32 bytes)"
+                expected = " or ".join(f"'{t.key_file_prefix}...'" for t in types)
+                problem = f"not an encfs key file (expected {expected})"
+            if rtype is not None and not _b64url32_into(buf, s, e, raw):
+                problem = f"{rtype.key_file_prefix}... must be 43 characters of canonical unpadded base64url (32 bytes)"
         if not problem:
-            secret = SecretBytes.take(raw)
-            return SymmetricKey(secret, source) if kind == "key" else X25519Identity(secret, source)
+            return rtype.from_secret(SecretBytes.take(raw), source)  # type: ignore[union-attr,misc]
     finally:
-        _wipe(raw)
+        wipe(raw)
     raise KeyReferenceError(f"{source}: {problem}")
 
 
-def parse_key_text(text: str, source: str) -> SymmetricKey | X25519Identity:
+def _load_key_file(buf: bytearray, source: str) -> KeyObject:
+    """Parse key-file bytes and wipe ``buf``, whatever happens."""
+    try:
+        return _parse_key_buffer(buf, source)
+    finally:
+        wipe(buf)
+
+
+def parse_key_text(text: str, source: str) -> KeyObject:
     """Parse the text of a key file; ``source`` names it in errors (never its content)."""
-    buf = bytearray(text, "utf-8")
-    try:
-        return _parse_key_buffer(buf, source)
-    finally:
-        _wipe(buf)
+    return _load_key_file(bytearray(text, "utf-8"), source)
 
 
-def _read_secret_file(path: str, source: str, what: str = "key file") -> bytearray:
-    """The bytes of a key or passphrase file, at most ``MAX_KEY_FILE_BYTES``, in a bytearray
-    the caller wipes. Every failure is a ``KeyReferenceError`` naming ``source``: unknown
-    ``~user``, missing file, a directory, unreadable, too large."""
-    problem = ""
-    expanded = os.path.expanduser(path)
-    if expanded.startswith("~"):
-        problem = f"cannot expand {expanded.split('/', 1)[0]!r} (no such user or no home directory)"
-    fd = -1
-    if not problem:
-        try:
-            fd = os.open(expanded, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            problem = f"cannot read {what}: {e.strerror or type(e).__name__}"
-    if problem:
-        raise KeyReferenceError(f"{source}: {problem}")
-    buf = bytearray(MAX_KEY_FILE_BYTES + 1)
-    n = 0
-    try:
-        try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                problem = f"cannot read {what}: it is a directory"
-            else:
-                with memoryview(buf) as mv:
-                    while n < len(buf):
-                        got = os.readv(fd, [mv[n:]])
-                        if not got:
-                            break
-                        n += got
-        except OSError as e:
-            problem = f"cannot read {what}: {e.strerror or type(e).__name__}"
-        finally:
-            os.close(fd)
-        if not problem and n > MAX_KEY_FILE_BYTES:
-            problem = f"larger than {MAX_KEY_FILE_BYTES // 1024} KiB, the limit for a {what}"
-        if not problem:
-            return buf[:n]
-    finally:
-        _wipe(buf)
-    raise KeyReferenceError(f"{source}: {problem}")
+def _load_keyfile_reference(path: str, ref: str) -> KeyObject:
+    if path.startswith(tuple(t.key_file_prefix for t in registry.key_file_types())):
+        raise KeyReferenceError("keyfile: takes a path, and this looks like key material; never put keys in references")
+    return _load_key_file(read_secret_file(path, ref), ref)
 
 
-def _env_bytes(name: str, source: str) -> bytearray:
-    """The value of environment variable ``name`` as a bytearray the caller wipes."""
-    value = None
-    if name and "=" not in name and "\0" not in name:
-        environb = getattr(os, "environb", None)
-        if environb is not None:
-            value = environb.get(os.fsencode(name))
-        else:  # pragma: no cover - Windows has no os.environb
-            text = os.environ.get(name)
-            value = None if text is None else text.encode("utf-8")
-    if value is None:
-        raise KeyReferenceError(f"{source}: environment variable {name!r} is not set")
-    return bytearray(value)
+def _load_env_reference(name: str, ref: str) -> KeyObject:
+    return _load_key_file(env_bytes(name, ref), ref)
 
 
-def _load_key_file(buf: bytearray, source: str) -> SymmetricKey | X25519Identity:
-    try:
-        return _parse_key_buffer(buf, source)
-    finally:
-        _wipe(buf)
-
-
-def _checked_passphrase(buf: bytearray, source: str) -> bytearray:
-    """``buf`` if it is UTF-8 text (as a typed passphrase is); else wipe it and refuse."""
-    valid = True
-    try:
-        str(buf, "utf-8")
-    except UnicodeDecodeError:
-        valid = False
-    if valid:
-        return buf
-    _wipe(buf)
-    raise KeyReferenceError(f"{source}: passphrase is not UTF-8 text")
-
-
-def _first_line_passphrase(buf: bytearray, source: str) -> bytearray:
-    """The first line of ``buf`` (without its line break) as a new bytearray; ``buf`` is
-    wiped. Refuses text that is not UTF-8 (it would not match a typed passphrase)."""
-    problem = ""
-    try:
-        end = buf.find(b"\n")
-        end = len(buf) if end < 0 else end
-        if end and buf[end - 1] == 0x0D:
-            end -= 1
-        valid = True
-        try:
-            str(memoryview(buf)[:end], "utf-8")
-        except UnicodeDecodeError:
-            valid = False
-        if not valid:
-            problem = "passphrase is not UTF-8 text"
-        else:
-            return buf[:end]
-    finally:
-        _wipe(buf)
-    raise KeyReferenceError(f"{source}: {problem}")
+registry.register_scheme("keyfile", _load_keyfile_reference)
+registry.register_scheme("env", _load_env_reference)
 
 
 def load_reference(ref: str) -> KeyObject:
-    """Load the key a reference names. Errors name the reference, never key material."""
+    """Load the key a reference names, by its scheme's registered loader. Errors name the
+    reference, never key material."""
     if not isinstance(ref, str):
         raise KeyReferenceError(f"a key reference is a string, got {type(ref).__name__}")
     scheme, sep, rest = ref.partition(":")
-    if not sep or not rest or not _SCHEME.fullmatch(scheme):
-        raise KeyReferenceError("malformed key reference: expected SCHEME:VALUE (keyfile:, env:, passphrase:, x25519:), see docs/KEYS.md")
-    if scheme == "keyfile":
-        if rest.startswith(("encfs-key-v1:", "encfs-x25519-identity-v1:")):
-            raise KeyReferenceError("keyfile: takes a path, and this looks like key material; never put keys in references")
-        return _load_key_file(_read_secret_file(rest, ref), ref)
-    if scheme == "env":
-        return _load_key_file(_env_bytes(rest, ref), ref)
-    if scheme == "x25519":
-        return X25519Recipient(bytes(b64decode32(rest, "x25519: public key")), ref)
-    if scheme == "passphrase":
-        kind, _, arg = rest.partition(":")
-        if kind == "env":
-            raw = _checked_passphrase(_env_bytes(arg, ref), ref)
-        elif kind == "file":
-            raw = _first_line_passphrase(_read_secret_file(arg, ref, "passphrase file"), ref)
-        elif kind == "prompt" and not arg:
-            raw = bytearray(getpass.getpass("encfs passphrase: ").encode("utf-8"))
-        else:
-            raise KeyReferenceError("malformed passphrase reference: use passphrase:env:NAME, passphrase:file:PATH or passphrase:prompt")
-        if not raw:
-            raise KeyReferenceError(f"{ref}: empty passphrase")
-        return Passphrase(SecretBytes.take(raw), ref)
-    raise KeyReferenceError(f"unknown key reference scheme {scheme!r}; expected keyfile:, env:, passphrase: or x25519:")
+    known = ", ".join(f"{s}:" for s in registry.schemes())
+    if not sep or not rest or not registry.is_scheme(scheme):
+        raise KeyReferenceError(f"malformed key reference: expected SCHEME:VALUE ({known}), see docs/KEYS.md")
+    load = registry.loader(scheme)
+    if load is None:
+        raise KeyReferenceError(f"unknown key reference scheme {scheme!r}; expected one of {known}")
+    return load(rest, ref)
 
 
 def _split(spec: KeySpec) -> list[str | KeyObject]:
@@ -334,10 +208,14 @@ def _split(spec: KeySpec) -> list[str | KeyObject]:
         return []
     if isinstance(spec, str):
         return [s.strip() for s in spec.split(",") if s.strip()]
-    if isinstance(spec, (SymmetricKey, X25519Identity, X25519Recipient, Passphrase)):
+    if registry.is_key_object(spec):
         return [spec]
+    try:
+        items = iter(spec)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"a key is a reference string or a key object of a registered type, got {type(spec).__name__}") from None
     out: list[str | KeyObject] = []
-    for item in spec:
+    for item in items:
         out.extend(_split(item))
     return out
 
@@ -351,21 +229,12 @@ class KeyRing:
     """
 
     def __init__(self, key: KeySpec = None, recipients: KeySpec = None, identities: KeySpec = None):
-        if key is None and recipients is None and identities is None and os.environ.get(ENV_DEFAULT):
-            key = os.environ[ENV_DEFAULT]
+        if key is None and recipients is None and identities is None:
+            key = env.default_key()
         self._key = _split(key)
         self._recipients = _split(recipients) if recipients is not None else self._key
         self._identities = _split(identities) if identities is not None else self._key
         self._loaded: dict[str, KeyObject] = {}
-
-    def references(self) -> dict[str, list[str]]:
-        """The reference strings (for pickling); refuses in-memory key objects."""
-        out = {}
-        for name, items in (("key", self._key), ("recipients", self._recipients), ("identities", self._identities)):
-            if any(not isinstance(i, str) for i in items):
-                raise TypeError("a filesystem built from in-memory keys cannot be pickled; use key references")
-            out[name] = list(items)
-        return out
 
     def _load(self, item: str | KeyObject) -> KeyObject:
         if not isinstance(item, str):
@@ -378,8 +247,7 @@ class KeyRing:
         out = [self._load(i) for i in self._recipients]
         if not out:
             raise NoMatchingKeyError("no encryption key configured: pass key= or recipients= (or set $ENCFS_KEY)")
-        if sum(getattr(k, "type", "") == "passphrase" for k in out) > 1:
-            raise KeyReferenceError("at most one passphrase recipient per file (docs/FORMAT.md §1.2)")
+        registry.check_per_header((k.type for k in out), KeyReferenceError, "recipient")
         return out  # type: ignore[return-value]
 
     def identities(self) -> list[Identity]:
@@ -387,11 +255,9 @@ class KeyRing:
 
     def unwrap(self, header: Header) -> SecretBytes:
         """The file key, from the first stanza an identity matches by key id."""
-        unknown = [s.type for s in header.stanzas if s.type not in KNOWN_STANZA_TYPES]
-        if unknown:
-            raise FormatError(f"unknown recipient type(s) {sorted(set(unknown))} in header")
-        if sum(s.type == "passphrase" for s in header.stanzas) > 1:
-            raise FormatError("more than one passphrase stanza in header")
+        types = [s.type for s in header.stanzas]
+        registry.check_known(types)
+        registry.check_per_header(types)
         identities = self.identities()
         present = header.labels()
         tried = []
@@ -411,9 +277,9 @@ class KeyRing:
 
     def wipe(self) -> None:
         for k in self._loaded.values():
-            wipe = getattr(k, "wipe", None)
-            if wipe:
-                wipe()
+            wipe_key = getattr(k, "wipe", None)
+            if wipe_key:
+                wipe_key()
         self._loaded.clear()
 
     def __repr__(self) -> str:

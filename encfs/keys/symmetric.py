@@ -5,13 +5,18 @@ from __future__ import annotations
 import hmac
 import os
 
-from ..errors import FormatError
 from ..format import Stanza
 from ..secret import SecretBytes
-from .base import hkdf32, open_stanza, seal_stanza
+from .base import check_shape, hkdf32, open_stanza, seal_stanza
+from .registry import RecipientType, register
 
 TYPE = "key"
 KEY_ID_SIZE = 8
+KEY_FILE_PREFIX = "encfs-key-v1:"
+
+
+def check_stanza(stanza: Stanza) -> None:
+    check_shape(stanza, KEY_ID_SIZE, 0, "8-byte key id and empty params")
 
 
 class SymmetricKey:
@@ -44,8 +49,7 @@ class SymmetricKey:
         return stanza.type == TYPE and hmac.compare_digest(stanza.key_id, self.key_id)
 
     def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
-        if stanza.params or len(stanza.key_id) != KEY_ID_SIZE:
-            raise FormatError("malformed key stanza: 8-byte key id and empty params expected")
+        check_stanza(stanza)
         return open_stanza(stanza, self._wrap_key(context), context)
 
     def wipe(self) -> None:
@@ -53,3 +57,7 @@ class SymmetricKey:
 
     def __repr__(self) -> str:
         return f"<SymmetricKey id={self.key_id.hex()} from {self.source}>"
+
+
+# Named by key files only (``keyfile:``, ``env:``), so no scheme of its own.
+register(RecipientType(TYPE, (SymmetricKey,), check_stanza, key_file_prefix=KEY_FILE_PREFIX, from_secret=SymmetricKey))

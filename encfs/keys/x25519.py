@@ -14,9 +14,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from ..errors import FormatError
 from ..format import Stanza
 from ..secret import SecretBytes
-from .base import hkdf32, open_stanza, seal_stanza
+from .base import check_shape, hkdf32, open_stanza, seal_stanza
+from .registry import RecipientType, register
+from .sources import b64decode32, b64encode
 
 TYPE = "x25519"
+SCHEME = "x25519"
+KEY_FILE_PREFIX = "encfs-x25519-identity-v1:"
 _INFO = b"encfs/v1 x25519-wrap"
 
 
@@ -26,6 +30,15 @@ def _raw_public(pk: X25519PublicKey) -> bytes:
 
 def key_id(public: bytes) -> bytes:
     return hashlib.sha256(b"encfs/v1 x25519-key-id" + public).digest()[:8]
+
+
+def public_reference(public: bytes) -> str:
+    """``x25519:PUBLIC``, the reference an encrypt-only host writes with."""
+    return f"{SCHEME}:{b64encode(public)}"
+
+
+def check_stanza(stanza: Stanza) -> None:
+    check_shape(stanza, 8, 32, "8-byte key id and 32-byte ephemeral share")
 
 
 class X25519Recipient:
@@ -80,8 +93,7 @@ class X25519Identity:
         return stanza.type == TYPE and hmac.compare_digest(stanza.key_id, self.key_id)
 
     def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
-        if len(stanza.params) != 32 or len(stanza.key_id) != 8:
-            raise FormatError("malformed x25519 stanza: 8-byte key id and 32-byte ephemeral share expected")
+        check_stanza(stanza)
         try:
             shared = SecretBytes(self._private().exchange(X25519PublicKey.from_public_bytes(stanza.params)))
         except ValueError:
@@ -95,3 +107,14 @@ class X25519Identity:
 
     def __repr__(self) -> str:
         return f"<X25519Identity id={self.key_id.hex()} from {self.source}>"
+
+
+def load_public(value: str, ref: str) -> X25519Recipient:
+    """``x25519:PUBLIC``: a public key, which encrypts only."""
+    return X25519Recipient(bytes(b64decode32(value, "x25519: public key")), ref)
+
+
+register(RecipientType(
+    TYPE, (X25519Recipient, X25519Identity), check_stanza, schemes={SCHEME: load_public},
+    key_file_prefix=KEY_FILE_PREFIX, from_secret=X25519Identity,
+))
