@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Sequence
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import url_to_fs as _fsspec_url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from . import __version__
 from . import cobblestone as cs
@@ -34,6 +35,18 @@ from .rewrap import rewrap
 from .sink import LocalSink, Sink, fill_atomically, is_local, is_temp_name, open_sink, remove_stale_temporaries, temp_name
 from .target import Target
 from .writer import PayloadWriter
+
+
+def url_to_fs(arg: str) -> tuple[Any, str]:
+    """The filesystem and path an argument names: an fsspec URL, else a local path (also one
+    with '::' in its name that fsspec would take for a chain of protocols); an argument that is
+    neither is one clear error, not a bare ValueError."""
+    try:
+        return _fsspec_url_to_fs(arg)
+    except (ValueError, ImportError) as e:
+        if "://" not in arg:
+            return LocalFileSystem(), os.path.abspath(arg)
+        raise EncfsError(f"{arg}: not a path or URL encfs can open ({e})") from None
 
 
 def _keyring(args: argparse.Namespace) -> KeyRing:

@@ -711,3 +711,22 @@ def test_errors_name_the_file_through_every_api(enc, other_keyref):
         assert e.value.path == f"{root}/{path}" and str(e.value).startswith(f"{root}/{path}: ")
     with pytest.raises(FormatError, match="allow_plaintext=True"):
         pd.read_parquet(f"encfs::file://{root}/plain.parquet", storage_options={"encfs": {"key": fs.keyring._key[0]}})
+
+
+def test_cli_local_names_with_double_colons_and_unknown_protocols(tmp_path, keyref):
+    """A local name fsspec would take for a protocol chain ('out::gz') is a local path; an
+    unknown protocol is one typed line, not 'unexpected ValueError'."""
+    import subprocess
+    import sys
+
+    (tmp_path / "plain").write_bytes(b"secret")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "encfs.cli", *args], capture_output=True, cwd=tmp_path, timeout=120)
+
+    assert run("encrypt", "-k", keyref, "--no-progress", "--", "plain", "out::gz").returncode == 0
+    assert (tmp_path / "out::gz").exists()
+    assert run("decrypt", "-k", keyref, "--", "out::gz", "-").stdout == b"secret"
+    res = run("decrypt", "-k", keyref, "--", "zz://x", "-")
+    assert res.returncode == 1 and res.stderr.decode().startswith("encfs: error: zz://x: not a path or URL")
+    assert b"Traceback" not in res.stderr and b"unexpected" not in res.stderr
