@@ -141,12 +141,9 @@ class PythonBackend:
 
 NATIVE_MIN_CHUNKS = 16
 BACKEND_NAMES = ("auto", "native", "python")
-"""Spans this long (256 KiB) or longer go to the native backend under ``auto``.
-
-Measured here (AMD EPYC, 2 cores): pyca/cryptography bundles OpenSSL 4, whose AES-GCM opens a
-16 KiB chunk at ~8 GB/s on one core, while the system OpenSSL 3.0 that native/ links reaches
-~5.3 GB/s per thread; native wins once a span is long enough for both cores (16 chunks:
-9.8 vs 7.7 GB/s; 8 chunks: 5.1 vs 7.3). See benchmarks/RESULTS.md."""
+"""Spans this long (256 KiB) or longer go to the native backend under ``auto``: where two
+native threads beat pyca/cryptography's single-core AES-GCM (benchmarks/RESULTS.md,
+"Backend routing")."""
 
 
 class _HybridCipher:

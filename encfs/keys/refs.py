@@ -29,11 +29,10 @@ from .x25519 import KEY_FILE_PREFIX as IDENTITY_PREFIX
 from .x25519 import X25519Identity, public_reference
 
 __all__ = [
-    "ENV_DEFAULT", "IDENTITY_PREFIX", "KEY_PREFIX", "MAX_KEY_FILE_BYTES", "KeyObject", "KeyRing", "KeySpec",
+    "IDENTITY_PREFIX", "KEY_PREFIX", "MAX_KEY_FILE_BYTES", "KeyObject", "KeyRing", "KeySpec",
     "key_file_text", "load_reference", "parse_key_text", "public_reference",
 ]
 
-ENV_DEFAULT = env.KEY  # kept for importers; read it with env.default_key()
 
 KeyObject = Union[Recipient, Identity]
 """A loaded key of any registered type (``registry.is_key_object``)."""
