@@ -21,7 +21,7 @@ from typing import Any
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend, split_plaintext
-from .errors import EncfsError
+from .errors import EncfsError, naming
 from .keys import KeyRing, new_file_key
 from .owner import closed_by_failing_owner, stack_at_open
 from .securemem import SecureBuffer
@@ -186,7 +186,8 @@ class EncryptedWriter(io.BufferedIOBase):
     def write(self, data: Any) -> int:
         if self.closed:
             raise ValueError("I/O operation on closed file")
-        return self._w.write(data)
+        with naming(self.path):
+            return self._w.write(data)
 
     def flush(self) -> None:
         """No-op: ciphertext is written in whole chunks; the tail is sealed on close()."""
@@ -198,9 +199,10 @@ class EncryptedWriter(io.BufferedIOBase):
             self.discard()
             return
         try:
-            self._w.seal()
-            if self.autocommit:
-                self._w.commit()
+            with naming(self.path):
+                self._w.seal()
+                if self.autocommit:
+                    self._w.commit()
         finally:
             super().close()
             self.fs.invalidate_cache(self.path)
@@ -209,11 +211,12 @@ class EncryptedWriter(io.BufferedIOBase):
         """Make a file written with ``autocommit=False`` appear (after ``close()``)."""
         if not self.closed:
             self.close()
-        if self._w.state == DISCARDED:
-            raise EncfsError(f"{self.path}: cannot commit, the file was discarded (its write failed or was abandoned)")
-        if not self.autocommit:
-            self._w.commit()
-            self.fs.invalidate_cache(self.path)
+        with naming(self.path):
+            if self._w.state == DISCARDED:
+                raise EncfsError("cannot commit, the file was discarded (its write failed or was abandoned)")
+            if not self.autocommit:
+                self._w.commit()
+                self.fs.invalidate_cache(self.path)
 
     def discard(self) -> None:
         """Throw the file away: nothing appears at the destination."""

@@ -730,3 +730,18 @@ def test_cli_local_names_with_double_colons_and_unknown_protocols(tmp_path, keyr
     res = run("decrypt", "-k", keyref, "--", "zz://x", "-")
     assert res.returncode == 1 and res.stderr.decode().startswith("encfs: error: zz://x: not a path or URL")
     assert b"Traceback" not in res.stderr and b"unexpected" not in res.stderr
+
+
+def test_write_errors_name_the_file(enc):
+    from encfs import EncfsError
+
+    fs, root = enc
+    f = fs.open(f"{root}/w", "wb", autocommit=False)
+    f.discard()
+    with pytest.raises(EncfsError, match="discarded") as e:
+        f.commit()
+    assert e.value.path == f"{root}/w" and str(e.value).startswith(f"{root}/w: ")
+    nokey = EncFileSystem(skip_instance_cache=True)
+    with pytest.raises(EncfsError, match="no encryption key") as e:
+        nokey.pipe_file(f"{root}/x", b"x")
+    assert e.value.path == f"{root}/x"
