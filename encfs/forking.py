@@ -19,7 +19,9 @@ is not inherited). Two mechanisms, both here:
 * **A fork generation** (``generation()``), bumped in every child: objects that hold a
   per-process resource (an open file offset, a read-ahead thread, a lock shared by threads)
   remember the generation they were made in and rebuild the resource lazily, on first use in
-  a newer one (``ForkLocal``).
+  a newer one (``ForkLocal``): ``target.Target`` reopens its file, ``file.EncryptedReader``
+  makes a fresh lock, ``window.PlaintextWindow`` a fresh read-ahead (the parent's pending
+  fetch and its thread are dropped, never waited on).
 
 The native library forgets its helper-thread pool in a child through its own
 ``pthread_atfork`` handler (native/encfs_native.c), since C code cannot call into this module.
