@@ -81,7 +81,7 @@ def in_memory(rows: Rows, mem_bytes: int, reps: int) -> dict[str, float]:
     plain = os.urandom(mem_bytes - mem_bytes % cs.CHUNK_SIZE + 1000)
     payload = cs.encrypt(key, plain, salt, b"bench")
     keys = cs.derive(key, salt, b"bench")
-    body = memoryview(payload)[cs.PREFIX_SIZE :]
+    body = memoryview(payload)[cs.PAYLOAD_PREFIX_SIZE :]
     out = bytearray(len(plain))
     res: dict[str, float] = {}
     native = native_backend()

@@ -24,7 +24,7 @@ TAG_SIZE = 16
 CT_CHUNK_SIZE = CHUNK_SIZE + TAG_SIZE
 SALT_SIZE = 24
 COMMITMENT_SIZE = 32
-PREFIX_SIZE = SALT_SIZE + COMMITMENT_SIZE
+PAYLOAD_PREFIX_SIZE = SALT_SIZE + COMMITMENT_SIZE
 KEY_SIZE = 32
 NONCE_SIZE = 12
 MAX_CHUNKS = 1 << 38
@@ -73,12 +73,12 @@ def chunk_count(plaintext_size: int) -> int:
 
 
 def payload_size(plaintext_size: int) -> int:
-    return PREFIX_SIZE + plaintext_size + TAG_SIZE * chunk_count(plaintext_size)
+    return PAYLOAD_PREFIX_SIZE + plaintext_size + TAG_SIZE * chunk_count(plaintext_size)
 
 
 def plaintext_size(payload_len: int) -> int:
     """Plaintext length implied by a payload length; a malformed length is a FormatError."""
-    body = payload_len - PREFIX_SIZE
+    body = payload_len - PAYLOAD_PREFIX_SIZE
     if body < TAG_SIZE:
         raise FormatError(f"payload of {payload_len} bytes is too short to hold a final chunk (truncated file)")
     full, last = divmod(body, CT_CHUNK_SIZE)
@@ -91,7 +91,7 @@ def plaintext_size(payload_len: int) -> int:
 
 def chunk_offset(index: int) -> int:
     """Offset of chunk ``index`` within the payload."""
-    return PREFIX_SIZE + index * CT_CHUNK_SIZE
+    return PAYLOAD_PREFIX_SIZE + index * CT_CHUNK_SIZE
 
 
 def span_chunk_count(ct_len: int) -> int:
@@ -119,7 +119,7 @@ def encrypt(input_key: memoryview | bytes, plaintext: bytes, salt: bytes, contex
     keys = derive(input_key, salt, context)
     try:
         cipher = (backend or get_backend()).chunk_cipher(keys.key.view(), keys.base_nonce)
-        out = bytearray(payload_size(len(plaintext)) - PREFIX_SIZE)
+        out = bytearray(payload_size(len(plaintext)) - PAYLOAD_PREFIX_SIZE)
         try:
             cipher.encrypt_into(0, memoryview(plaintext), memoryview(out), final=True)
         finally:
@@ -136,11 +136,11 @@ def decrypt(input_key: memoryview | bytes, payload: bytes, context: bytes, backe
     size = plaintext_size(len(payload))
     keys = derive(input_key, bytes(payload[:SALT_SIZE]), context)
     try:
-        check_commitment(keys, payload[SALT_SIZE:PREFIX_SIZE])
+        check_commitment(keys, payload[SALT_SIZE:PAYLOAD_PREFIX_SIZE])
         cipher = (backend or get_backend()).chunk_cipher(keys.key.view(), keys.base_nonce)
         out = bytearray(size)
         try:
-            cipher.decrypt_into(0, memoryview(payload)[PREFIX_SIZE:], memoryview(out))
+            cipher.decrypt_into(0, memoryview(payload)[PAYLOAD_PREFIX_SIZE:], memoryview(out))
         finally:
             cipher.close()
         return bytes(out)

@@ -126,13 +126,13 @@ class EncFileSystem(ChainedFileSystem):
             hit = self._header_lengths.get(self._version(entry))
         if hit is not None:
             return hit
-        prefix = self.fs.cat_file(entry["name"], start=0, end=fmt.PREFIX_SIZE) if entry["size"] >= fmt.PREFIX_SIZE else b""
+        prefix = self.fs.cat_file(entry["name"], start=0, end=fmt.FIXED_FIELDS_SIZE) if entry["size"] >= fmt.FIXED_FIELDS_SIZE else b""
         return self._remember(entry, prefix)
 
     def _remember(self, entry: dict, prefix: bytes) -> int | None:
         if prefix[:8] != fmt.MAGIC:
             return None
-        length = fmt.parse_prefix(prefix)
+        length = fmt.parse_fixed_fields(prefix)
         with self._hl_lock:
             if len(self._header_lengths) > 100_000:
                 self._header_lengths.clear()
@@ -143,9 +143,9 @@ class EncFileSystem(ChainedFileSystem):
         """Entries with plaintext sizes. A file that cannot be sized keeps its ciphertext size
         and says why in ``encrypted`` ("invalid: ..."); it fails only when opened."""
         files = [e for e in entries if e.get("type") == "file" and not is_temp_name(e["name"])]
-        todo = [e for e in files if self._version(e) not in self._header_lengths and e["size"] >= fmt.PREFIX_SIZE]
+        todo = [e for e in files if self._version(e) not in self._header_lengths and e["size"] >= fmt.FIXED_FIELDS_SIZE]
         if len(todo) > 1:
-            prefixes = self.fs.cat_ranges([e["name"] for e in todo], [0] * len(todo), [fmt.PREFIX_SIZE] * len(todo), on_error="return")
+            prefixes = self.fs.cat_ranges([e["name"] for e in todo], [0] * len(todo), [fmt.FIXED_FIELDS_SIZE] * len(todo), on_error="return")
             for e, p in zip(todo, prefixes):
                 if isinstance(p, bytes):
                     try:
@@ -206,8 +206,19 @@ class EncFileSystem(ChainedFileSystem):
         self.fs.rm(self._strip_target(path), recursive=recursive, maxdepth=maxdepth)
 
     def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
-        """Ciphertext copy: the header binds no path, so the copy stays decryptable."""
-        self.fs.cp_file(self._strip_target(path1), self._strip_target(path2), **kwargs)
+        """Ciphertext copy: the header binds no path, so the copy stays decryptable. Parent
+        directories are made as for every other write."""
+        dst = self._strip_target(path2)
+        self.fs.makedirs(self.fs._parent(dst), exist_ok=True)
+        self.fs.cp_file(self._strip_target(path1), dst, **kwargs)
+
+    def touch(self, path: str, truncate: bool = True, **kwargs: Any) -> None:
+        """An empty encrypted file, or (``truncate=False`` on an existing file) a new
+        modification time for the ciphertext, which stays as it is."""
+        if not truncate and self.exists(path):
+            self.fs.touch(self._strip_target(path), truncate=False, **kwargs)
+        else:
+            self.pipe_file(path, b"")
 
     def mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any) -> None:
         self.fs.mv(self._strip_target(path1), self._strip_target(path2), recursive=recursive, maxdepth=maxdepth, **kwargs)

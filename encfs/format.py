@@ -37,9 +37,9 @@ SUITE_COBBLESTONE256 = 1
 SUITES = {SUITE_COBBLESTONE256: "cobblestone-256"}
 FILE_ID_SIZE = 16
 CONTEXT_SIZE = 28
-PREFIX_SIZE = 32
+FIXED_FIELDS_SIZE = 32
 MAC_SIZE = 32
-MIN_HEADER = PREFIX_SIZE + 2 + MAC_SIZE
+MIN_HEADER = FIXED_FIELDS_SIZE + 2 + MAC_SIZE
 MAX_HEADER = 1 << 20
 MAX_STANZAS = 64
 MAX_TYPE = 32
@@ -131,7 +131,7 @@ def seal(header: Header, file_key: SecretBytes, length: int | None = None) -> by
 
     check_per_header(s.type for s in header.stanzas)
     body = struct.pack(">H", len(header.stanzas)) + b"".join(s.encode() for s in header.stanzas)
-    needed = PREFIX_SIZE + len(body) + MAC_SIZE
+    needed = FIXED_FIELDS_SIZE + len(body) + MAC_SIZE
     if length is None:
         length = -(-(needed + HEADER_RESERVE) // HEADER_ALIGN) * HEADER_ALIGN
     if length < needed:
@@ -148,9 +148,9 @@ def seal(header: Header, file_key: SecretBytes, length: int | None = None) -> by
     return signed + mac + bytes(length - needed)
 
 
-def parse_prefix(prefix: bytes) -> int:
+def parse_fixed_fields(prefix: bytes) -> int:
     """Check magic, version, suite and flags of the first 32 bytes; return the header length."""
-    if len(prefix) < PREFIX_SIZE or prefix[:8] != MAGIC:
+    if len(prefix) < FIXED_FIELDS_SIZE or prefix[:8] != MAGIC:
         raise FormatError("not an encfs file (bad magic)")
     version, suite, flags = struct.unpack_from(">BBH", prefix, 8)
     if version != VERSION:
@@ -167,11 +167,11 @@ def parse_prefix(prefix: bytes) -> int:
 
 def parse(buf: bytes) -> Header:
     """Parse a whole header (``buf`` holds at least its H bytes). Does not check the MAC."""
-    length = parse_prefix(buf)
+    length = parse_fixed_fields(buf)
     if len(buf) < length:
         raise FormatError(f"file too short for its {length}-byte header (truncated)")
     buf = bytes(buf[:length])
-    pos = PREFIX_SIZE
+    pos = FIXED_FIELDS_SIZE
 
     def take(n: int, what: str) -> bytes:
         nonlocal pos

@@ -36,8 +36,8 @@ def read_header(read_at: ReadAt, ciphertext_size: int) -> tuple[fmt.Header, byte
     """The parsed header (MAC not yet checked) and the bytes read, which hold at least the
     header and the payload prefix. Sizes are checked before the stanzas are parsed."""
     head = read_at(0, min(ciphertext_size, FIRST_READ))
-    length = fmt.parse_prefix(head)
-    need = length + cs.PREFIX_SIZE
+    length = fmt.parse_fixed_fields(head)
+    need = length + cs.PAYLOAD_PREFIX_SIZE
     if ciphertext_size < need:
         raise FormatError("file too short for its header and payload prefix (truncated)")
     if len(head) < need:
@@ -62,7 +62,7 @@ def open_header(read_at: ReadAt, ciphertext_size: int, keyring: KeyRing) -> Open
     their commitment checked (the caller wipes ``keys``)."""
     header, head = read_header(read_at, ciphertext_size)
     file_key = unlock(header, keyring)
-    prefix = head[header.length : header.length + cs.PREFIX_SIZE]
+    prefix = head[header.length : header.length + cs.PAYLOAD_PREFIX_SIZE]
     try:
         keys = cs.derive(file_key.view(), prefix[: cs.SALT_SIZE], header.context)
     finally:

@@ -5,7 +5,7 @@
     .venv/bin/python scripts/fuzz.py --examples 200000 --seed 7  # a fixed, repeatable run
     .venv/bin/python scripts/fuzz.py --seconds 600 --hypothesis  # hypothesis-driven instead
 
-Each iteration feeds one input to ``encfs.format.parse_prefix``/``parse`` and to the reader
+Each iteration feeds one input to ``encfs.format.parse_fixed_fields``/``parse`` and to the reader
 (``EncFileSystem.open(...).read(n)``/``readinto`` loops and ``cat_file``) under every backend
 available (python, native, auto): arbitrary bytes (one iteration in four) or a valid file
 mutated by bit flips, overwrites, insertions, deletions, truncations and splices of two

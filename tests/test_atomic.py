@@ -310,17 +310,3 @@ def test_temp_files_are_private_and_final_mode_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "new2").st_mode) == 0o640
-
-
-def test_someone_elses_symlink_is_replaced_not_followed(enc):
-    """From the second review (tests/test_review_fixes.py, commit 8c32070): a symlink planted by
-    another user is replaced, never followed.
-    """
-    fs, root = enc
-    victim = f"{root}/victim"
-    open(victim, "wb").write(b"do not touch")
-    os.symlink(victim, f"{root}/planted")
-    os.lchown(f"{root}/planted", 65534, 65534)
-    fs.pipe_file(f"{root}/planted", b"new")
-    assert open(victim, "rb").read() == b"do not touch"
-    assert not os.path.islink(f"{root}/planted") and fs.cat_file(f"{root}/planted") == b"new"

@@ -149,7 +149,7 @@ def test_threads_share_one_file_object_over_a_tampered_chunk(enc, keyref, backen
     raw = bytearray(fs.fs.cat_file(path))
     hl = int.from_bytes(raw[28:32], "big")
     bad_chunk = 20
-    raw[hl + cs.PREFIX_SIZE + bad_chunk * cs.CT_CHUNK_SIZE + 1234] ^= 0x08
+    raw[hl + cs.PAYLOAD_PREFIX_SIZE + bad_chunk * cs.CT_CHUNK_SIZE + 1234] ^= 0x08
     fs.fs.pipe_file(path, bytes(raw))
     stats = {"ok": 0, "integrity": 0}
     with fs.open(path, "rb") as f:

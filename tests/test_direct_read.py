@@ -277,7 +277,7 @@ def test_whole_file_and_aligned_readinto(local):
 
 def _tampered_copy(fs, d: Path, name: str, mutate) -> str:
     raw = bytearray((d / "f.bin").read_bytes())
-    mutate(raw, fs.open(str(d / "f.bin"), "rb")._r.header_length + cs.PREFIX_SIZE)
+    mutate(raw, fs.open(str(d / "f.bin"), "rb")._r.header_length + cs.PAYLOAD_PREFIX_SIZE)
     (d / name).write_bytes(raw)
     fs.invalidate_cache()
     return str(d / name)

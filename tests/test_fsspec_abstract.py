@@ -188,3 +188,24 @@ def test_namespace_answers_match_the_target(case, target, abstract_key, tmp_path
                 inner.rm(root, recursive=True)
     encfs_answer, target_answer = answers
     assert encfs_answer == target_answer
+
+
+def test_cp_makes_parents_and_touch_keeps_ciphertext(tmp_path, keyref):
+    """cp into a new directory works as every other encfs write does (local targets need
+    no auto_mkdir); touch(truncate=False) on an existing file leaves its ciphertext alone."""
+    import os
+
+
+    from encfs.filesystem import EncFileSystem
+
+    fs = EncFileSystem(target_protocol="file", key=keyref, skip_instance_cache=True)
+    fs.pipe_file(f"{tmp_path}/a", b"payload")
+    fs.cp_file(f"{tmp_path}/a", f"{tmp_path}/new/dir/b")
+    assert fs.cat_file(f"{tmp_path}/new/dir/b") == b"payload"
+    before = open(f"{tmp_path}/a", "rb").read()
+    old = os.stat(f"{tmp_path}/a").st_mtime - 100
+    os.utime(f"{tmp_path}/a", (old, old))
+    fs.touch(f"{tmp_path}/a", truncate=False)
+    assert open(f"{tmp_path}/a", "rb").read() == before and os.stat(f"{tmp_path}/a").st_mtime > old
+    fs.touch(f"{tmp_path}/empty")
+    assert fs.cat_file(f"{tmp_path}/empty") == b"" and fs.info(f"{tmp_path}/empty")["size"] == 0

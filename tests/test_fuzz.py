@@ -4,7 +4,7 @@ Inputs: arbitrary bytes (also behind a valid 32-byte prefix, so the stanza parse
 reached), and valid files mutated by bit flips, byte overwrites, insertions, deletions,
 truncations and splices of two valid files. Targets:
 
-* ``encfs.format.parse_prefix`` / ``parse``;
+* ``encfs.format.parse_fixed_fields`` / ``parse``;
 * opening and reading a file through ``EncFileSystem(...).open(path, "rb")`` (``read(n)``
   and ``readinto`` loops) and ``cat_file``, under each backend (python, native, auto).
 
@@ -145,8 +145,8 @@ def _valid_prefix(header_length: int) -> bytes:
 
 # -- the targets -----------------------------------------------------------------------------
 def check_parse(blob: bytes) -> None:
-    """parse_prefix and parse raise nothing but EncfsError."""
-    for fn in (fmt.parse_prefix, fmt.parse):
+    """parse_fixed_fields and parse raise nothing but EncfsError."""
+    for fn in (fmt.parse_fixed_fields, fmt.parse):
         try:
             fn(blob)
         except EncfsError:

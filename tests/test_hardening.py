@@ -21,7 +21,7 @@ from .conftest import write_key
 
 
 def _payload_start(raw: bytes) -> int:
-    return struct.unpack(">I", raw[28:32])[0] + cs.PREFIX_SIZE
+    return struct.unpack(">I", raw[28:32])[0] + cs.PAYLOAD_PREFIX_SIZE
 
 
 def _leftovers(d) -> list[str]:
@@ -158,6 +158,8 @@ def test_checkpoint_written_by_a_failing_context_managers_exit_is_kept(enc):
 
 
 def test_replacing_someone_elses_symlink_gets_the_umask_default_not_0777(enc):
+    """Also the second review's 'a symlink planted by another user is replaced, never
+    followed' (moved here from tests/test_atomic.py, which it covered in full)."""
     fs, root = enc
     target = f"{root}/elsewhere"
     open(target, "wb").write(b"not yours")

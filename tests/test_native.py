@@ -384,12 +384,12 @@ def test_auto_routes_by_length_with_identical_results(chunks):
     payload = cs.encrypt(key, plain, salt, b"ctx", backend=auto)
     assert payload == cs.encrypt(key, plain, salt, b"ctx", backend=PythonBackend())
     bad = bytearray(payload)
-    bad[cs.PREFIX_SIZE + 2 * cs.CT_CHUNK_SIZE + 7] ^= 1
+    bad[cs.PAYLOAD_PREFIX_SIZE + 2 * cs.CT_CHUNK_SIZE + 7] ^= 1
     keys = cs.derive(key, salt, b"ctx")
     out = bytearray(len(plain))
     c = auto.chunk_cipher(keys.key.view(), keys.base_nonce)
     with pytest.raises(IntegrityError) as e:
-        c.decrypt_into(0, memoryview(bad)[cs.PREFIX_SIZE :], memoryview(out))
+        c.decrypt_into(0, memoryview(bad)[cs.PAYLOAD_PREFIX_SIZE :], memoryview(out))
     assert e.value.chunk_index == 2 and e.value.verified_bytes == 2 * CHUNK_SIZE
     assert bytes(out[: 2 * CHUNK_SIZE]) == plain[: 2 * CHUNK_SIZE] and not any(out[2 * CHUNK_SIZE :])
     c.close()

@@ -39,7 +39,7 @@ from .conftest import require_native, write_key
 
 BACKENDS = ["python", "native", "auto"]
 CT = cs.CT_CHUNK_SIZE
-PREFIX = cs.PREFIX_SIZE
+PREFIX = cs.PAYLOAD_PREFIX_SIZE
 
 
 def _plaintext(n: int, seed: int) -> bytes:

@@ -41,7 +41,7 @@ def _read(fs, raw: bytes) -> bytes:
 
 
 def chunk(raw: bytes, hl: int, i: int) -> slice:
-    start = hl + cs.PREFIX_SIZE + i * cs.CT_CHUNK_SIZE
+    start = hl + cs.PAYLOAD_PREFIX_SIZE + i * cs.CT_CHUNK_SIZE
     return slice(start, start + cs.CT_CHUNK_SIZE)
 
 
@@ -54,7 +54,7 @@ def test_truncation_at_every_chunk_boundary_and_next_to_it(setup):
     fs, raw, hl = setup
     cuts = {0, 7, 31, 32, hl - 1, hl, hl + 24, hl + 55, hl + 56}
     for i in range(N_CHUNKS + 1):
-        b = hl + cs.PREFIX_SIZE + i * cs.CT_CHUNK_SIZE
+        b = hl + cs.PAYLOAD_PREFIX_SIZE + i * cs.CT_CHUNK_SIZE
         cuts |= {b - 1, b, b + 1, b + 15, b + 16}
     cuts |= {len(raw) - 1}
     for cut in sorted(c for c in cuts if 0 <= c < len(raw)):
@@ -72,7 +72,7 @@ def test_garbage_after_the_final_chunk(setup, extra):
 def test_a_bit_flip_in_every_header_byte(setup):
     """Every byte of the header, including the reserved padding, is checked."""
     fs, raw, hl = setup
-    for i in range(hl + cs.PREFIX_SIZE):
+    for i in range(hl + cs.PAYLOAD_PREFIX_SIZE):
         bad = bytearray(raw)
         bad[i] ^= 0x10
         with pytest.raises(ERRORS):
@@ -117,7 +117,7 @@ def test_a_bit_flip_in_chunk_data_or_tag(setup, i, offset, bit):
 
 def _swap(raw: bytes, hl: int, order: list[int]) -> bytes:
     body = b"".join(raw[chunk(raw, hl, i)] for i in order)
-    return raw[: hl + cs.PREFIX_SIZE] + body
+    return raw[: hl + cs.PAYLOAD_PREFIX_SIZE] + body
 
 
 @pytest.mark.parametrize(
