@@ -112,6 +112,15 @@ class EncryptedReader(io.BufferedIOBase):
             self.loc += done
         return done
 
+    def readline(self, size: int | None = -1) -> bytes:
+        """One line, read under the lock as a whole (another thread's seek cannot splice in)."""
+        with self._lock.get():
+            return super().readline(-1 if size is None else size)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        with self._lock.get():
+            return super().readlines(hint)
+
     def peek(self, size: int = 1) -> bytes:
         """Up to ``PEEK_MAX`` bytes from the current position without moving it (at least one
         unless at end of file): what ``readline`` and iteration scan for line ends."""

@@ -12,9 +12,11 @@ How it is told, from the stack at ``close()``:
 * the nearest ``__exit__`` frame decides. It owns the file if its object or its locals (an
   ``ExitStack``'s callback in hand) hold the file within a few steps (attributes,
   containers, closures, a generator's locals, a bound method's object); it is failing if one
-  of its arguments is an exception. An ``__exit__``
-  that was already running when the file was opened (``stack_at_open``) opened it itself, so
-  it is not the owner;
+  of its arguments is an exception (checked first: a clean ``__exit__`` is never walked).
+  Looking at someone else's objects is bounded (a few steps, 32 items each, containers never
+  iterated to their end); if one raises while looked at, the file is discarded, keeping the
+  old one. An ``__exit__`` that was already running when the file was opened
+  (``stack_at_open``) opened it itself, so it is not the owner;
 * C wrappers (``io.TextIOWrapper``, ``io.BufferedWriter``) have no Python ``__exit__`` frame:
   there the first Python frame above ``close()`` is the ``with`` statement itself, and it is
   failing when it is executing ``WITH_EXCEPT_START`` (the call of ``__exit__`` with an
@@ -23,6 +25,7 @@ How it is told, from the stack at ``close()``:
 from __future__ import annotations
 
 import dis
+import itertools
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -56,9 +59,12 @@ def closed_by_failing_owner(target: Any, opened_under: StackMark, max_frames: in
         if frame is None:
             return False
         if frame.f_code.co_name == "__exit__":
-            if (id(frame), frame.f_code) in opened_under or not _holds(frame, target, _DEPTH):
+            if (id(frame), frame.f_code) in opened_under or not any(_is_exception(a) for a in _arguments(frame)[1:]):
                 return False
-            return any(_is_exception(a) for a in _arguments(frame)[1:])
+            try:
+                return _holds(frame, target, _DEPTH)
+            except Exception:  # someone else's object would not be looked at: keep the old file
+                return True
         frame = frame.f_back
     return False
 
@@ -94,12 +100,14 @@ def _holds(obj: Any, target: Any, depth: int, seen: set[int] | None = None) -> b
 
 
 def _parts(obj: Any) -> list[Any]:
-    if isinstance(obj, Mapping):
-        return list(obj.values())[:_BREADTH]
-    if isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
-        return list(obj)[:_BREADTH]
-    if type(obj).__name__ == "frame":
-        return list(obj.f_locals.values())[:_BREADTH]
+    """At most ``_BREADTH`` of what ``obj`` holds, never iterating a container to its end."""
+    kind = type(obj)
+    if issubclass(kind, Mapping):
+        return list(itertools.islice(obj.values(), _BREADTH))
+    if issubclass(kind, (list, tuple, set, frozenset)) or kind.__name__ == "deque":
+        return list(itertools.islice(obj, _BREADTH))
+    if kind.__name__ == "frame":
+        return list(itertools.islice(obj.f_locals.values(), _BREADTH))
     parts = []
     for a in _C_ATTRS:
         try:
@@ -110,7 +118,7 @@ def _parts(obj: Any) -> list[Any]:
     if closure:
         parts += [c.cell_contents for c in closure if _filled(c)]
     try:
-        parts += list(vars(obj).values())[:_BREADTH]
+        parts += list(itertools.islice(vars(obj).values(), _BREADTH))
     except TypeError:
         pass
     return [p for p in parts if p is not None]

@@ -13,12 +13,16 @@ the background while this one decrypts (``ReadAhead``, owned by the stream).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import BinaryIO, Callable
 
 from . import cobblestone as cs
 from .backend import CipherBackend, get_backend, pread_min_chunks
 from .errors import IntegrityError, naming
+from .forking import ForkLocal
 from .header import open_header
 from .keys import KeyRing
 from .securemem import cleanse
@@ -36,6 +40,8 @@ class ChunkReader:
         reopen: Callable[[], BinaryIO] | None = None,
     ):
         self.name = name
+        self._usage: ForkLocal[_Usage] = ForkLocal(_Usage)
+        self._closed = False
         self._target = Target(raw, reopen)
         self.ciphertext_size = ciphertext_size
         backend = backend or get_backend()
@@ -94,13 +100,30 @@ class ChunkReader:
         Safe to call from several threads at once. A caller reading a stream (a file object,
         under its own lock) passes its ``ReadAhead``: ciphertext buffers are reused, and with
         ``sequential`` a remote target's next span is fetched in the background."""
-        with naming(self.name):
+        with naming(self.name), self._in_use():
             offset, ct_len = self._ct_range(first, count)
             if self._pread_min is not None and count >= self._pread_min:
                 fd = self._target.fd
                 assert fd is not None
                 return self._cipher.pread_decrypt_into(fd, offset, first, ct_len, out)
             return self._cipher.decrypt_into(first, self._fetch(first, count, ahead, sequential), out)
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """A read in progress: ``close()`` waits for it (its descriptor must not be closed, or
+        reused by another file, under it); reads after ``close()`` raise ValueError."""
+        usage = self._usage.get()
+        with usage.cond:
+            if self._closed:
+                raise ValueError("I/O operation on a closed chunk reader")
+            usage.readers += 1
+        try:
+            yield
+        finally:
+            with usage.cond:
+                usage.readers -= 1
+                if not usage.readers:
+                    usage.cond.notify_all()
 
     def _fetch(self, first: int, count: int, ahead: ReadAhead | None, sequential: bool) -> memoryview:
         if ahead is None:
@@ -122,9 +145,21 @@ class ChunkReader:
         return view
 
     def close(self) -> None:
+        usage = self._usage.get()
+        with usage.cond:
+            self._closed = True
+            usage.cond.wait_for(lambda: not usage.readers)
         self._cipher.close()
         self._keys.wipe()
         self._target.close()
+
+
+class _Usage:
+    """Reads in progress in this process (a child after fork starts with none)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.readers = 0
 
 
 class ReadAhead:

@@ -747,3 +747,116 @@ def test_write_errors_name_the_file(enc):
     with pytest.raises(EncfsError, match="no encryption key") as e:
         nokey.pipe_file(f"{root}/x", b"x")
     assert e.value.path == f"{root}/x"
+
+
+# -- second audit of the rewritten paths ----------------------------------------------------------
+
+
+class _RaisingProxy:
+    def __getattr__(self, name):
+        raise RuntimeError("Working outside of application context.")
+
+
+class _EndlessList(list):
+    def __iter__(self):
+        while True:
+            yield None
+
+
+@pytest.mark.parametrize("extra", [_RaisingProxy(), _EndlessList()], ids=["raising-proxy", "endless-container"])
+def test_owner_walk_over_hostile_objects_neither_hangs_nor_raises(enc, extra):
+    """The frame walk looks at someone else's objects: bounded, and never lets their errors out
+    of close() (the user's own exception propagates; the old file is kept)."""
+    fs, root = enc
+    p = f"{root}/out"
+    fs.pipe_file(p, b"OLD")
+
+    class Saver:
+        def __init__(self):
+            self.extra, self.f = extra, fs.open(p, "wb")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    with pytest.raises(KeyError):
+        with Saver() as s:
+            s.f.write(b"NEW")
+            raise KeyError("user error")
+    assert s.f.closed and fs.cat_file(p) == b"OLD" and not _leftovers(root)
+
+
+def test_readline_and_iteration_are_whole_under_threads(enc):
+    """Each readline() of a file object shared by threads is one line of the plaintext."""
+    import sys
+    import threading
+
+    fs, root = enc
+    lines = [b"%06d:%s\n" % (i, b"x" * (i % 97)) for i in range(3000)]
+    fs.pipe_file(f"{root}/lines", b"".join(lines))
+    valid, bad = set(lines), []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with fs.open(f"{root}/lines", "rb") as f:
+
+            def work(seed: int) -> None:
+                import random
+
+                rng = random.Random(seed)
+                for _ in range(150):
+                    f.seek(rng.choice([0, 7 * 1000, 20_000, 100_000]))
+                    line = f.readline()
+                    if line and line not in valid and not any(x.endswith(line) for x in lines):
+                        bad.append(line[:40])
+
+            ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not bad, bad[:3]
+
+
+@pytest.mark.parametrize("backend", ["python", "auto", "native"])
+def test_closing_a_chunk_reader_waits_for_reads_in_progress(enc, keyref, backend):
+    """close() racing read_chunks: reads finish with plaintext or see 'closed', never a false
+    truncation from a descriptor closed under them."""
+    import threading
+
+    from encfs import EncfsError
+
+    pytest.importorskip("encfs._native") if backend != "python" else None
+    fs, root = enc
+    fs = EncFileSystem(key=keyref, backend=backend, skip_instance_cache=True)
+    data = os.urandom(18 * cs.CHUNK_SIZE)
+    fs.pipe_file(f"{root}/f", data)
+    wrong = []
+    for _ in range(20):
+        r = fs.open_reader(f"{root}/f")
+
+        def work():
+            out = bytearray(cs.CHUNK_SIZE)
+            for i in range(100):
+                try:
+                    r.read_chunks(i % 18, 1, memoryview(out))
+                except ValueError:
+                    return
+                except EncfsError as e:
+                    wrong.append(repr(e))
+                    return
+                if bytes(out) != data[(i % 18) * cs.CHUNK_SIZE : (i % 18 + 1) * cs.CHUNK_SIZE]:
+                    wrong.append("bytes")
+                    return
+
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        for t in ts:
+            t.start()
+        r.close()
+        for t in ts:
+            t.join()
+    assert not wrong, wrong[:3]
