@@ -6,8 +6,9 @@ lost no throughput.
     python benchmarks/bench_before_after.py --old-rev REV [--rounds 2] [--size-mib 512] ...
 
 Runs the *old* revision's ``benchmarks/bench_throughput.py`` under the old code and this
-tree's under the new (same arguments), plus an encrypted-write row (one file through
-``fsspec.open("encfs::file://...", "wb")``, fsync included) under each, and writes a table of
+tree's under the new (same arguments), plus under each: an encrypted-write row (one file
+through ``fsspec.open("encfs::file://...", "wb")``, fsync included) and the C library's own
+4 MiB spans (from memory and by pread; each build in its own process), and writes a table of
 GB/s and new/old ratios into benchmarks/RESULTS.md.
 """
 
@@ -47,6 +48,41 @@ print(f"| encrypted write (fsync included) | {size / best / 1e9:.3f} |")
 """
 
 
+C_SPANS = """
+import os, tempfile, time
+from encfs._native import ffi, lib
+CH, TAG, n = 16384, 16, 4 << 20
+key, nonce = os.urandom(32), os.urandom(12)
+kb, nb = ffi.from_buffer("uint8_t[]", key), ffi.new("uint8_t[]", nonce)
+pt = os.urandom(n)
+ct = bytearray(n + (n // CH + 1) * TAG)
+m = lib.encfs_encrypt_chunks(kb, nb, 0, ffi.from_buffer("uint8_t[]", pt), n, 1, ffi.from_buffer("uint8_t[]", ct), len(ct), 1)
+out = bytearray(n)
+cb, ob = ffi.from_buffer("uint8_t[]", ct), ffi.from_buffer("uint8_t[]", out)
+failed, err = ffi.new("int64_t *"), ffi.new("int *")
+
+
+def rate(call):
+    best = float("inf")
+    for _ in range(40):
+        t0 = time.perf_counter()
+        rc = call()
+        best = min(best, time.perf_counter() - t0)
+        assert rc == n, rc
+    return n / best / 1e9
+
+
+with tempfile.TemporaryFile() as f:
+    f.write(ct[:m])
+    f.flush()
+    for t in (1, 2):
+        memory = rate(lambda: lib.encfs_decrypt_chunks(kb, nb, 0, cb, m, ob, n, t, failed))
+        pread = rate(lambda: lib.encfs_pread_decrypt_chunks(f.fileno(), 0, kb, nb, 0, m, ob, n, t, failed, err))
+        print(f"| C decrypt of 4 MiB spans (memory), {t} thread(s) | {memory:.3f} |")
+        print(f"| C decrypt of 4 MiB spans (pread), {t} thread(s) | {pread:.3f} |")
+"""
+
+
 def build_old(rev: str, where: Path) -> Path:
     tree = where / "old"
     subprocess.run(["git", "-C", str(HERE), "worktree", "add", "-f", "--detach", str(tree), rev], check=True, capture_output=True)
@@ -68,6 +104,8 @@ def run_rows(tree: Path, args: list[str], work: Path, size_mib: int) -> dict[str
     wdir.mkdir(exist_ok=True)
     res = subprocess.run([sys.executable, "-c", WRITE, str(wdir), str(size_mib)], cwd=tree, env=env, check=True, capture_output=True, text=True)
     shutil.rmtree(wdir, ignore_errors=True)
+    lines += res.stdout.splitlines()
+    res = subprocess.run([sys.executable, "-c", C_SPANS], cwd=work, env=env, check=True, capture_output=True, text=True)
     lines += res.stdout.splitlines()
     return {m["name"]: float(m["gbps"]) for m in map(ROW.match, lines) if m}
 
