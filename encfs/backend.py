@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from . import env, securemem
 from .cobblestone import CHUNK_SIZE, CT_CHUNK_SIZE, TAG_SIZE, chunk_count, chunk_nonce, span_chunk_count, span_plaintext_size
 from .errors import ConfigError, EncfsError, IntegrityError
+from .forking import after_fork_in_child
 
 
 class ChunkCipher(Protocol):
@@ -193,6 +194,7 @@ def pread_min_chunks(backend: CipherBackend) -> int | None:
 
 
 _BACKENDS: dict[str, CipherBackend] = {}
+after_fork_in_child(_BACKENDS.clear)  # a child picks its own (its ENCFS_THREADS, e.g. 1 in DataLoader workers)
 
 
 def native_backend() -> CipherBackend | None:

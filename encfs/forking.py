@@ -15,7 +15,9 @@ is not inherited). Two mechanisms, both here:
      locked SecureBuffer locked again (secret slabs and windows included);
   3. ``encfs.secret``: the secret arena's mutex renewed;
   4. ``encfs._native_backend`` (when built): the lock over native ciphers' in-use counts
-     renewed, and the counts set to zero.
+     renewed, and the counts set to zero;
+  5. ``encfs.backend``: the per-process backend cache emptied, so a child picks its own
+     (with its own ``ENCFS_THREADS``: 1 in DataLoader workers by default).
 * **A fork generation** (``generation()``), bumped in every child: objects that hold a
   per-process resource (an open file offset, a read-ahead thread, a lock shared by threads)
   remember the generation they were made in and rebuild the resource lazily, on first use in

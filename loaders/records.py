@@ -1,89 +1,112 @@
 """Fixed-size records in encrypted files, as a PyTorch map-style Dataset.
 
-Each item is read by plaintext range, so only the chunks under it are fetched and
-decrypted. The dataset pickles into DataLoader workers by URL and key reference (never key
-bytes); each worker opens its own file handles lazily.
+An item is read by plaintext range: only the chunks under it are fetched and decrypted (at
+most the record plus two partial chunks), into locked memory; the item is a tensor over that
+memory, wiped when the last reference to it goes. ``__getitems__`` (which torch's DataLoader
+calls with a whole batch of indices) reads the batch as one packed locked buffer, with one
+``read_chunks`` call per run of touching chunks (``batch.read_records``), and the items are
+views of it. ``collate_locked`` hands that packed buffer on as the batch tensor without a
+copy (in the main process; see its docstring for worker processes).
+
+The dataset pickles by URL and key reference (``ShardSet``), never key bytes; each process
+opens its own files.
 """
 
 from __future__ import annotations
 
-import bisect
-from typing import Any, Sequence
+import functools
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-from fsspec.core import url_to_fs
+
+from .batch import RecordBatch, Sample, read_records, torch_dtype
+from .shards import SampleIndex, ShardSet
 
 
-class EncryptedRecordDataset:
-    """Records of ``record_shape`` x ``dtype`` packed back to back in each file of ``urls``.
+class SampleList(list):
+    """The items of one ``__getitems__`` call (a list, as torch's collate expects), with the
+    packed ``RecordBatch`` they are views of as ``.batch``."""
 
-    ``urls`` are fsspec URLs (``encfs::file:///data/shard-0.bin``, ``encfs::s3://...``);
-    ``storage_options`` go to ``url_to_fs`` (e.g. ``{"encfs": {"key": "keyfile:..."}}``).
-    Items are ``torch.Tensor`` when torch is importable, else ``numpy.ndarray``.
-    """
+    batch: RecordBatch
 
-    def __init__(self, urls: Sequence[str], record_shape: tuple[int, ...], dtype: Any = np.float32, storage_options: dict | None = None):
-        if not urls:
-            raise ValueError("no files given")
-        self.urls = list(urls)
-        self.dtype = np.dtype(dtype)
-        self.record_shape = tuple(record_shape)
-        self.record_bytes = int(np.prod(self.record_shape)) * self.dtype.itemsize
-        self.storage_options = dict(storage_options or {})
-        self.fs, _ = url_to_fs(self.urls[0], **self.storage_options)
-        self.paths = [url_to_fs(u, **self.storage_options)[1] for u in self.urls]
-        sizes = [self._authenticated_size(p) for p in self.paths]
-        bad = [p for p, s in zip(self.paths, sizes) if s % self.record_bytes]
-        if bad:
-            raise ValueError(f"{bad[0]}: size is not a multiple of the {self.record_bytes}-byte record")
-        counts = [s // self.record_bytes for s in sizes]
-        self._starts = [int(x) for x in np.cumsum([0] + counts[:-1])]
-        self._len = int(sum(counts))
-        self._handles: dict[int, Any] = {}
 
-    def _authenticated_size(self, path: str) -> int:
-        """The plaintext size of ``path`` from an open file, whose final chunk is authenticated
-        on open: a shard cut at a chunk boundary is an IntegrityError, never fewer records."""
-        with self.fs.open(path, "rb") as f:
-            return f.size
+class RecordShards:
+    """Records of one shape and dtype stored back to back in shards, after a per-shard
+    ``base`` offset: the part of the record and ``.npy`` datasets that reads them."""
+
+    shards: ShardSet
+    record_shape: tuple[int, ...]
+    dtype: np.dtype
+    record_bytes: int
+    bases: list[int]
+    index: SampleIndex
 
     def __len__(self) -> int:
-        return self._len
+        return self.index.total
 
-    def _handle(self, k: int):
-        f = self._handles.get(k)
-        if f is None:
-            f = self._handles[k] = self.fs.open(self.paths[k], "rb")
-        return f
+    def sample(self, i: int) -> Sample:
+        """(shard, plaintext start, length) of item ``i``."""
+        k, j = self.index.locate(i)
+        return k, self.bases[k] + j * self.record_bytes, self.record_bytes
 
-    def __getitem__(self, i: int):
-        if not -self._len <= i < self._len:
-            raise IndexError(i)
-        i %= self._len
-        k = bisect.bisect_right(self._starts, i) - 1
-        f = self._handle(k)
-        f.seek((i - self._starts[k]) * self.record_bytes)
-        out = np.empty(self.record_shape, dtype=self.dtype)
-        if f.readinto(memoryview(out).cast("B")) != self.record_bytes:
-            raise EOFError(f"short record {i} in {self.paths[k]}")
-        try:
-            import torch
-        except ImportError:
-            return out
-        return torch.from_numpy(out)
+    def read(self, indices: Sequence[int]) -> RecordBatch:
+        """Items ``indices`` as one packed locked batch (``batch.read_records``)."""
+        return read_records(self.shards, [self.sample(i) for i in indices], self.record_shape, self.dtype)
+
+    @functools.cached_property
+    def tensors(self) -> bool:
+        """Whether items are torch tensors (torch is importable and has this dtype), else NumPy."""
+        return torch_dtype(self.dtype) is not None
+
+    def __getitem__(self, i: int) -> Any:
+        """Item ``i``: a tensor (else a NumPy array) over locked memory."""
+        batch = self.read([i])
+        return batch.tensor[0] if self.tensors else batch.array[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> SampleList:
+        """Items ``indices``, read together (one ``read_chunks`` call per run of chunks)."""
+        batch = self.read(indices)
+        items = SampleList(batch.tensor.unbind(0) if self.tensors else list(batch.array))
+        items.batch = batch
+        return items
 
     def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
+        """Close this process's open files (they reopen on next use)."""
+        self.shards.close()
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+class EncryptedRecordDataset(RecordShards):
+    """Records of ``record_shape`` x ``dtype`` packed back to back in each file of ``urls``.
+
+    ``urls`` are ``encfs::`` URLs, globs or brace ranges (``ShardSet``);
+    ``storage_options`` go to fsspec (e.g. ``{"encfs": {"key": "keyfile:..."}}``).
+    Items are ``torch.Tensor`` when torch is importable (and has the dtype), else ``numpy.ndarray``.
+    """
+
+    def __init__(self, urls: str | Iterable[str], record_shape: tuple[int, ...], dtype: Any = np.float32, storage_options: dict | None = None, *, worker_threads: int | None = 1):
+        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads)
+        self.dtype = np.dtype(dtype)
+        self.record_shape = tuple(int(d) for d in record_shape)
+        self.record_bytes = int(np.prod(self.record_shape, dtype=np.int64)) * self.dtype.itemsize
+        if self.record_bytes <= 0:
+            raise ValueError("records must be at least one byte")
+        bad = [k for k in range(len(self.shards)) if self.shards.size(k) % self.record_bytes]
+        if bad:
+            raise ValueError(f"{self.shards.paths[bad[0]]}: size is not a multiple of the {self.record_bytes}-byte record")
+        self.bases = [0] * len(self.shards)
+        self.index = SampleIndex([self.shards.size(k) // self.record_bytes for k in range(len(self.shards))])
+
+
+def collate_locked(items: Any) -> Any:
+    """A DataLoader ``collate_fn`` for record and ``.npy`` datasets: the batch tensor over the
+    packed locked buffer that ``__getitems__`` read (no further copy), wiped when the tensor
+    is garbage. In a worker process (or for items that are not one ``__getitems__`` result)
+    it falls back to torch's ``default_collate``, which stacks into the shared memory that
+    carries the batch to the main process (ordinary memory, not wiped by encfs); the locked
+    buffer is then wiped as soon as the items are dropped."""
+    from torch.utils.data import default_collate, get_worker_info
+
+    batch = getattr(items, "batch", None)
+    if isinstance(batch, RecordBatch) and get_worker_info() is None and len(items) == len(batch) and torch_dtype(batch.array.dtype) is not None:
+        return batch.tensor
+    return default_collate(items)
