@@ -3,7 +3,10 @@
 ``ShardSet`` (the files, opened afresh per process), ``read_batch``/``read_records``
 (batches decrypted into locked memory, one native call per run of chunks) and the map-style
 datasets over them: ``EncryptedRecordDataset`` (fixed-size records), ``EncryptedNpyDataset``
-(``.npy`` rows) and ``EncryptedFileDataset`` (one file per sample, user ``decode``).
+(``.npy`` rows), ``EncryptedFileDataset`` (one file per sample, user ``decode``) and
+``EncryptedParquetDataset`` (Parquet rows, read by row group; needs pyarrow when used); and the
+iterable ``EncryptedTarDataset`` (WebDataset-layout tar shards, one sequential read per shard,
+resumable with ``TarProgress``).
 """
 
 from .arrays import EncryptedNpyDataset, read_npy_header
@@ -12,14 +15,37 @@ from .files import EncryptedFileDataset
 from .records import EncryptedRecordDataset, collate_locked
 from .shards import ShardSet, limit_worker_threads
 
+_LAZY = {
+    "EncryptedParquetDataset": "parquet",
+    "EncryptedTarDataset": "tars",
+    "TarProgress": "tars",
+    "combine_tar_states": "tars",
+}
+"""Names whose modules import torch or pyarrow: loaded on first use, so that importing
+``encfs.loaders`` stays light."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "Batch",
     "EncryptedFileDataset",
     "EncryptedNpyDataset",
+    "EncryptedParquetDataset",
     "EncryptedRecordDataset",
+    "EncryptedTarDataset",
     "RecordBatch",
     "ShardSet",
+    "TarProgress",
     "collate_locked",
+    "combine_tar_states",
     "limit_worker_threads",
     "read_batch",
     "read_npy_header",
