@@ -16,6 +16,11 @@ from .records import EncryptedRecordDataset, collate_locked
 from .shards import ShardSet, limit_worker_threads
 
 _LAZY = {
+    "EncryptedLoader": "loader",
+    "wipe_batch": "loader",
+    "EpochOrder": "order",
+    "epoch_order": "order",
+    "combine_states": "order",
     "EncryptedParquetDataset": "parquet",
     "EncryptedTarDataset": "tars",
     "TarProgress": "tars",
@@ -37,6 +42,8 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Batch",
     "EncryptedFileDataset",
+    "EncryptedLoader",
+    "EpochOrder",
     "EncryptedNpyDataset",
     "EncryptedParquetDataset",
     "EncryptedRecordDataset",
@@ -45,9 +52,12 @@ __all__ = [
     "ShardSet",
     "TarProgress",
     "collate_locked",
+    "combine_states",
     "combine_tar_states",
+    "epoch_order",
     "limit_worker_threads",
     "read_batch",
     "read_npy_header",
     "read_records",
+    "wipe_batch",
 ]
