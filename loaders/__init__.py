@@ -16,6 +16,7 @@ from .records import EncryptedRecordDataset, collate_locked
 from .shards import ShardSet, limit_worker_threads
 
 _LAZY = {
+    "BufferPool": "pool",
     "EncryptedLoader": "loader",
     "wipe_batch": "loader",
     "EpochOrder": "order",
@@ -41,6 +42,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Batch",
+    "BufferPool",
     "EncryptedFileDataset",
     "EncryptedLoader",
     "EpochOrder",

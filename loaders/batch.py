@@ -12,9 +12,13 @@ run in order, the tensor is a view of the decrypted run (no copy); otherwise eac
 copied once, from the decrypted run (in a small locked scratch buffer, reused for every
 run and wiped at the end) into the packed buffer.
 
+Buffers come from this process's ``pool.BufferPool``: a buffer is mapped and locked once and
+reused by later batches, wiped in between, and never reused while a view of it is alive.
+
 Plaintext lifetime. A ``Batch``/``RecordBatch`` owns its buffer: ``close()`` (or leaving its
 ``with`` block) wipes it, and views or tensors made from it read zeros from then on; a batch
-nobody references is wiped when it is garbage. What stays outside locked memory, and is not
+whose views (items, the batch tensor) are all garbage is wiped then, and its buffer goes back
+to the pool. What stays outside locked memory, and is not
 wiped by encfs: copies torch makes (``torch.stack`` in the default collate, ``.clone()``,
 ``.to(device)``, a ``pin_memory`` copy, the output of a transform) and, with DataLoader worker
 processes, the shared-memory segment through which each collated batch travels to the main
@@ -31,6 +35,7 @@ import numpy as np
 from encfs.cobblestone import CHUNK_SIZE
 from encfs.securemem import SecureBuffer
 
+from .pool import Lease, pool
 from .shards import ShardSet
 
 if TYPE_CHECKING:
@@ -82,21 +87,21 @@ def run_bytes(shards: ShardSet, run: Run) -> int:
     return min(run.count * CHUNK_SIZE, shards.size(run.shard) - run.first * CHUNK_SIZE)
 
 
-def _decrypt_runs(shards: ShardSet, runs: list[Run]) -> SecureBuffer:
-    """One SecureBuffer holding every run, each filled by one ``read_chunks`` call; wiped
-    and released if any run fails (an IntegrityError names the file and the chunk)."""
+def _decrypt_runs(shards: ShardSet, runs: list[Run]) -> tuple[np.ndarray, Lease]:
+    """One pooled buffer holding every run, each filled by one ``read_chunks`` call: the
+    uint8 array over it and its lease. Wiped (and back to the pool) if any run fails (an
+    IntegrityError names the file and the chunk)."""
     total = sum(run_bytes(shards, r) for r in runs)
-    buf = SecureBuffer(max(total, 1))
+    array, lease = pool().lease(total)
     try:
-        view = memoryview(buf)
-        for r in runs:
-            n = run_bytes(shards, r)
-            shards.read_chunks(r.shard, r.first, r.count, view[r.offset : r.offset + n])
-        view.release()
+        with memoryview(lease.buffer) as view:
+            for r in runs:
+                n = run_bytes(shards, r)
+                shards.read_chunks(r.shard, r.first, r.count, view[r.offset : r.offset + n])
     except BaseException:
-        buf.release()
+        lease.wipe()
         raise
-    return buf
+    return array, lease
 
 
 def torch_dtype(dtype: np.dtype) -> Any:
@@ -110,14 +115,30 @@ def torch_dtype(dtype: np.dtype) -> Any:
 
 
 class _OwnsPlaintext:
-    """Owner of one locked buffer of plaintext: ``close()`` or the end of a ``with`` block
-    wipes and releases it (views made from it read zeros from then on)."""
+    """Owner of one pooled locked buffer of plaintext: ``close()`` or the end of a ``with``
+    block wipes it (views made from it read zeros from then on); the buffer goes back to the
+    pool once no view of it is left."""
 
-    buffer: SecureBuffer
+    _lease: Lease
+    _closed: bool = False
+
+    @property
+    def buffer(self) -> SecureBuffer | None:
+        """The locked buffer (at least as large as the batch; None once closed)."""
+        return self._lease.buffer
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
-        """Wipe and release the plaintext now."""
-        self.buffer.release()
+        """Wipe the plaintext now and drop this object's views of it."""
+        self._closed = True
+        self._lease.wipe()
+        self._drop_views()
+
+    def _drop_views(self) -> None:
+        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self
@@ -132,16 +153,20 @@ class Batch(_OwnsPlaintext):
     ``batch[i]`` is sample ``i`` in the order asked for. ``close()`` (or the end of a ``with``
     block) wipes the buffer: views taken before then read zeros afterwards."""
 
-    def __init__(self, buffer: SecureBuffer, views: list[memoryview], runs: list[Run]):
-        self.buffer = buffer
+    def __init__(self, lease: Lease, views: list[memoryview], runs: list[Run]):
+        self._lease = lease
         self.runs = runs
         self._views = views
+        self._n = len(views)
+
+    def _drop_views(self) -> None:
+        self._views = []
 
     def __len__(self) -> int:
-        return len(self._views)
+        return self._n
 
     def __getitem__(self, i: int) -> memoryview:
-        if self.buffer.released:
+        if self._closed:
             raise ValueError("batch is closed")
         return self._views[i]
 
@@ -158,45 +183,51 @@ def read_batch(shards: ShardSet, samples: Sequence[Sample]) -> Batch:
     """Decrypt ``samples`` with one ``read_chunks`` call per run (see ``plan_runs``) into one
     locked buffer; the returned ``Batch`` owns it."""
     runs = plan_runs(shards, samples)
-    buf = _decrypt_runs(shards, runs)
-    whole = memoryview(buf)
+    array, lease = _decrypt_runs(shards, runs)
+    whole = memoryview(array)  # views keep ``array`` alive, and with it the buffer out of reuse
     views = [whole[0:0]] * len(samples)
     for r in runs:
         for s, start, length in r.members:
             views[s] = whole[r.offset + start : r.offset + start + length]
-    return Batch(buf, views, runs)
+    return Batch(lease, views, runs)
 
 
 class RecordBatch(_OwnsPlaintext):
     """Fixed-size records packed as one array ``(len(samples), *shape)`` in locked memory.
 
-    ``tensor`` (``torch.frombuffer``, when torch is importable) and ``array`` (NumPy) are views
-    of ``buffer``; ``copied`` says whether the records were copied once from the decrypted runs
+    ``tensor`` (``torch.from_numpy(array)``, when torch is importable) and ``array`` (NumPy) are
+    views of ``buffer``; ``copied`` says whether the records were copied once from the decrypted runs
     (False: the batch was exactly one run, in order, and the tensor is that run's memory)."""
 
-    def __init__(self, buffer: SecureBuffer, offset: int, n: int, shape: tuple[int, ...], dtype: np.dtype, copied: bool, calls: int):
-        self.buffer = buffer
+    def __init__(self, raw: np.ndarray, lease: Lease, offset: int, n: int, shape: tuple[int, ...], dtype: np.dtype, copied: bool, calls: int):
+        self._lease = lease
         self.copied = copied
         self.calls = calls
-        self.array = np.frombuffer(buffer, dtype=dtype, count=n * int(np.prod(shape, dtype=np.int64)), offset=offset).reshape((n, *shape))
-        self._offset, self._n, self._shape, self._dtype = offset, n, shape, dtype
+        nbytes = n * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self.array: Any = raw[offset : offset + nbytes].view(dtype).reshape((n, *shape))
+        self._n, self._shape, self._dtype = n, shape, dtype
         self._tensor: Any = None
+
+    def _drop_views(self) -> None:
+        self.array = self._tensor = None
 
     @property
     def tensor(self) -> Any:
-        """The batch as a ``torch.Tensor`` over the locked buffer (no copy); TypeError for a
-        dtype torch has no equivalent of (structured rows, say: use ``array``)."""
+        """The batch as a ``torch.Tensor`` over the locked buffer (no copy; it keeps ``array``
+        alive, so the pool sees it); TypeError for a dtype torch has no equivalent of
+        (structured rows, say: use ``array``)."""
+        if self._closed:
+            raise ValueError("batch is closed")
         if self._tensor is None:
             import torch
 
-            count = self.array.size
             dtype = torch_dtype(self._dtype)
             if dtype is None:
                 raise TypeError(f"torch has no dtype for {self._dtype}; use .array")
-            if count == 0:  # torch.frombuffer refuses an empty view
+            if self.array.size == 0:
                 self._tensor = torch.empty((self._n, *self._shape), dtype=dtype)
             else:
-                self._tensor = torch.frombuffer(self.buffer, dtype=dtype, count=count, offset=self._offset).view(self._n, *self._shape)
+                self._tensor = torch.from_numpy(self.array)
         return self._tensor
 
     def __len__(self) -> int:
@@ -211,30 +242,28 @@ def read_records(shards: ShardSet, samples: Sequence[Sample], shape: tuple[int, 
         raise ValueError(f"every record must be {nbytes} bytes")
     runs = plan_runs(shards, samples)
     if len(runs) == 1 and _in_order(runs[0], len(samples), nbytes):
-        buf = _decrypt_runs(shards, runs)
-        return RecordBatch(buf, runs[0].members[0][1], len(samples), tuple(shape), dtype, False, 1)
-    packed = SecureBuffer(max(len(samples) * nbytes, 1))
+        raw, lease = _decrypt_runs(shards, runs)
+        return RecordBatch(raw, lease, runs[0].members[0][1], len(samples), tuple(shape), dtype, False, 1)
+    raw, lease = pool().lease(len(samples) * nbytes)
     try:
-        _pack_runs(shards, runs, memoryview(packed), nbytes)
+        with memoryview(lease.buffer) as dst:
+            _pack_runs(shards, runs, dst, nbytes)
     except BaseException:
-        packed.release()
+        lease.wipe()
         raise
-    return RecordBatch(packed, 0, len(samples), tuple(shape), dtype, True, len(runs))
+    return RecordBatch(raw, lease, 0, len(samples), tuple(shape), dtype, True, len(runs))
 
 
 def _pack_runs(shards: ShardSet, runs: list[Run], dst: memoryview, nbytes: int) -> None:
-    """Decrypt each run into one small locked scratch buffer (the longest run's size, reused)
-    and copy its records to their places in ``dst``: the batch is paged in and wiped once,
-    not twice."""
+    """Decrypt each run into one small locked scratch buffer from the pool (the longest run's
+    size, reused for every run, wiped and returned at the end) and copy its records to their
+    places in ``dst``."""
     longest = max((run_bytes(shards, r) for r in runs), default=1)
-    with SecureBuffer(longest) as scratch:
-        src = memoryview(scratch)
+    with pool().scratch(longest) as scratch, memoryview(scratch) as src:
         for r in runs:
             shards.read_chunks(r.shard, r.first, r.count, src[: run_bytes(shards, r)])
             for s, start, length in r.members:
                 dst[s * nbytes : (s + 1) * nbytes] = src[start : start + length]
-        src.release()
-    dst.release()
 
 
 def _in_order(run: Run, n: int, nbytes: int) -> bool:

@@ -13,6 +13,13 @@ A thin wrapper over ``torch.utils.data.DataLoader`` for map-style datasets, with
   state alone stands for all when the ranks run in lock-step. ``load_state_dict`` resumes at
   any world size, rank, worker count and batch size, each sample still read once per epoch.
   Take the state *after* the step on the last batch: a batch counts as consumed once handed out.
+- **Threads or processes.** ``threads=N`` reads batches on N threads of the main process
+  (the C decrypt path releases the GIL): ordered delivery, at most ``N x prefetch_factor``
+  batches ahead, the same ``state_dict`` semantics, and no plaintext in shared memory at all.
+  ``num_workers=N`` uses DataLoader worker processes as usual. With neither given, a dataset
+  that names its faster way (``loading = "threads"`` on the record and ``.npy`` datasets,
+  measured in benchmarks/bench_loaders.py) gets it, with ``os.cpu_count()`` threads;
+  anything else reads in the main process as before.
 - **Workers and plaintext.** Worker processes get ``ENCFS_THREADS=1`` unless it is already set
   (so the workers, not threads inside each, share the cores), then run the user's own
   ``worker_init_fn``. ``wipe_previous=True`` wipes each batch when the next one is taken (and
@@ -28,7 +35,10 @@ without ``set_epoch``). ``set_epoch(e)`` moves to the start of epoch ``e`` unles
 from __future__ import annotations
 
 import os
+import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -38,6 +48,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 from encfs import securemem
 
 from .order import EpochOrder, Uneven
+from .pool import pool
 
 __all__ = ["EncryptedLoader", "wipe_batch"]
 
@@ -90,7 +101,10 @@ def wipe_batch(batch: Any) -> None:
         elif isinstance(obj, (np.ndarray, memoryview)):
             buf = securemem.owner(obj)
             if buf is not None:
-                buf.release()
+                if pool().owns(buf):
+                    buf.zero()  # a pooled batch buffer: zeroed now, reused once its views are gone
+                else:
+                    buf.release()
             elif isinstance(obj, memoryview):
                 if obj.readonly:
                     pass
@@ -119,6 +133,10 @@ class EncryptedLoader:
     go to ``EpochOrder`` (default shard sizes: the dataset's ``shard_sizes`` attribute).
     Batches are ``batch_size`` samples of this rank's sequence; the last may be shorter, never
     dropped (a dropped batch would break exactly-once: use ``uneven="drop"`` for equal ranks).
+    ``threads`` (N > 0) reads batches on N threads in this process instead of worker processes
+    (``prefetch_factor`` batches per thread ahead, default 2; ``pin_memory`` pins on those
+    threads when CUDA is available); ``num_workers`` and ``threads`` cannot both be positive.
+    Left out, both follow the dataset's ``loading`` attribute (module docstring).
     ``worker_threads`` is the ``ENCFS_THREADS`` given to worker processes that do not have one
     (None: leave it alone). ``wipe_previous`` wipes each batch when the next is taken
     (``wipe_batch``). The other keyword arguments go to ``DataLoader`` (``num_workers``,
@@ -139,7 +157,8 @@ class EncryptedLoader:
         world_size: int | None = None,
         rank: int | None = None,
         uneven: Uneven = "split",
-        num_workers: int = 0,
+        num_workers: int | None = None,
+        threads: int | None = None,
         worker_init_fn: Callable[[int], None] | None = None,
         worker_threads: int | None = 1,
         wipe_previous: bool = False,
@@ -161,6 +180,18 @@ class EncryptedLoader:
         )
         self.wipe_previous = bool(wipe_previous)
         self._batches = 0  # handed to the loop since the sampler's current resume point
+        if num_workers is None and threads is None:
+            threads = (os.cpu_count() or 1) if getattr(dataset, "loading", None) == "threads" else 0
+        num_workers, threads = int(num_workers or 0), int(threads or 0)
+        if num_workers < 0 or threads < 0 or (num_workers and threads):
+            raise ValueError("use either num_workers (processes) or threads, not both")
+        self.threads = threads
+        self._prefetch = max(1, int(dataloader_kwargs.get("prefetch_factor") or 2))
+        self._pin = bool(dataloader_kwargs.get("pin_memory", False))
+        self._pin_device = dataloader_kwargs.get("pin_memory_device", "") or None
+        if threads:  # the DataLoader below is only the collate and fetch settings, in-process
+            for k in ("prefetch_factor", "persistent_workers", "multiprocessing_context", "pin_memory", "pin_memory_device", "timeout"):
+                dataloader_kwargs.pop(k, None)
         self._dataloader = DataLoader(
             dataset,
             batch_sampler=BatchSampler(self.sampler, self.batch_size, drop_last=False),
@@ -189,8 +220,14 @@ class EncryptedLoader:
         return min(self._batches * self.batch_size, len(self.sampler))
 
     @property
+    def num_workers(self) -> int:
+        """Worker processes (0 in the main process, threads or not)."""
+        return self._dataloader.num_workers
+
+    @property
     def dataloader(self) -> DataLoader:
-        """The underlying DataLoader (iterating it directly bypasses the consumption count)."""
+        """The underlying DataLoader (iterating it directly bypasses the consumption count;
+        with ``threads`` it reads in the main process on one thread)."""
         return self._dataloader
 
     def __len__(self) -> int:
@@ -232,7 +269,7 @@ class EncryptedLoader:
         previous: Any = None
         have_previous = False
         total = len(self.sampler)
-        it = iter(self._dataloader)
+        it = self._threaded() if self.threads else iter(self._dataloader)
         try:
             for batch in it:
                 if have_previous and self.wipe_previous:
@@ -249,3 +286,42 @@ class EncryptedLoader:
                 wipe_batch(previous)
             del previous, it  # the DataLoader's iterator shuts its workers down when dropped
 
+    # -- in-process loading on threads ----------------------------------------------------------
+
+    def _fetch(self, indices: list[int]) -> Any:
+        """One batch, as the DataLoader's in-process fetcher makes it (``__getitems__`` when the
+        dataset has it, then the collate), pinned when asked and CUDA is there."""
+        ds = self.dataset
+        getitems = getattr(ds, "__getitems__", None)
+        items = getitems(indices) if getitems else [ds[i] for i in indices]
+        batch = self._dataloader.collate_fn(items)
+        del items
+        if self._pin and torch.cuda.is_available():
+            from torch.utils.data._utils.pin_memory import pin_memory
+
+            batch = pin_memory(batch, self._pin_device)
+        return batch
+
+    def _threaded(self) -> Iterator[Any]:
+        """Batches fetched on ``self.threads`` threads, handed out in sampler order, at most
+        ``threads x prefetch_factor`` ahead. Leaving early waits for the fetches in flight
+        (bounded) and wipes what was fetched but never handed out when ``wipe_previous``."""
+        if self._pin and not torch.cuda.is_available():
+            warnings.warn("pin_memory=True but CUDA is not available: batches are not pinned", UserWarning, stacklevel=3)
+        depth = self.threads * self._prefetch
+        pending: deque[Future] = deque()
+        indices = iter(self._dataloader.batch_sampler)  # the sampler runs on this thread only
+        executor = ThreadPoolExecutor(self.threads, thread_name_prefix="encfs-loader")
+        try:
+            for idx in indices:
+                pending.append(executor.submit(self._fetch, idx))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+            while pending:
+                f = pending.popleft()
+                if not f.cancelled() and f.exception() is None and self.wipe_previous:
+                    wipe_batch(f.result())

@@ -10,11 +10,18 @@ copy (in the main process; see its docstring for worker processes).
 
 The dataset pickles by URL and key reference (``ShardSet``), never key bytes; each process
 opens its own files.
+
+Threads or processes: ``EncryptedLoader`` reads these datasets on threads of the main process
+by default (``loading = "threads"``): measured faster than worker processes for shuffled
+150 KB records (benchmarks/RESULTS.md, "Loaders"), and no batch crosses shared memory.
+Batch buffers come from the per-process pool (``loaders.pool``) and go back to it, wiped,
+once the batch tensor and its items are garbage.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -40,6 +47,8 @@ class RecordShards:
     record_bytes: int
     bases: list[int]
     index: SampleIndex
+    loading = "threads"
+    """How ``EncryptedLoader`` reads this dataset unless told otherwise (threads, not processes)."""
 
     def __len__(self) -> int:
         return self.index.total
@@ -80,11 +89,28 @@ class EncryptedRecordDataset(RecordShards):
 
     ``urls`` are ``encfs::`` URLs, globs or brace ranges (``ShardSet``);
     ``storage_options`` go to fsspec (e.g. ``{"encfs": {"key": "keyfile:..."}}``).
+    ``backend`` (``"auto"``, ``"native"``, ``"python"``) is the cipher backend, unless the
+    options or ``ENCFS_BACKEND`` name one. The default, ``"native"`` where the extension is
+    built, keeps every decrypt in C with the GIL released, which is what lets loader threads
+    run in parallel (``auto`` sends the 10-chunk runs of 150 KB records to pyca/cryptography,
+    which holds the GIL: two threads were slower than one).
     Items are ``torch.Tensor`` when torch is importable (and has the dtype), else ``numpy.ndarray``.
     """
 
-    def __init__(self, urls: str | Iterable[str], record_shape: tuple[int, ...], dtype: Any = np.float32, storage_options: dict | None = None, *, worker_threads: int | None = 1):
-        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads)
+    def __init__(
+        self,
+        urls: str | Iterable[str],
+        record_shape: tuple[int, ...],
+        dtype: Any = np.float32,
+        storage_options: dict | None = None,
+        *,
+        worker_threads: int | None = 1,
+        backend: str | None = "default",
+    ):
+        first = urls if isinstance(urls, str) else next(iter(urls := list(urls)), "")
+        if not first.startswith("encfs"):  # a plaintext baseline has no cipher
+            backend = None
+        self.shards = ShardSet(urls, with_backend(storage_options, backend), worker_threads=worker_threads)
         self.dtype = np.dtype(dtype)
         self.record_shape = tuple(int(d) for d in record_shape)
         self.record_bytes = int(np.prod(self.record_shape, dtype=np.int64)) * self.dtype.itemsize
@@ -97,10 +123,28 @@ class EncryptedRecordDataset(RecordShards):
         self.index = SampleIndex([self.shards.size(k) // self.record_bytes for k in range(len(self.shards))])
 
 
+def with_backend(storage_options: dict | None, backend: str | None) -> dict | None:
+    """``storage_options`` with the encfs cipher ``backend`` added, unless None or already named
+    (``"default"``: native when built and ``ENCFS_BACKEND`` is unset, else nothing added)."""
+    if backend == "default":
+        from encfs import env
+        from encfs.backend import native_backend
+
+        backend = "native" if os.environ.get(env.BACKEND) is None and native_backend() is not None else None
+    if backend is None:
+        return storage_options
+    opts = dict(storage_options or {})
+    level = dict(opts.get("encfs") or {})
+    level.setdefault("backend", backend)
+    opts["encfs"] = level
+    return opts
+
+
 def collate_locked(items: Any) -> Any:
     """A DataLoader ``collate_fn`` for record and ``.npy`` datasets: the batch tensor over the
     packed locked buffer that ``__getitems__`` read (no further copy), wiped when the tensor
-    is garbage. In a worker process (or for items that are not one ``__getitems__`` result)
+    is garbage (and its buffer then reused by a later batch). In the main process, on its
+    own or on ``EncryptedLoader`` threads, that is the whole story. In a worker process (or for items that are not one ``__getitems__`` result)
     it falls back to torch's ``default_collate``, which stacks into the shared memory that
     carries the batch to the main process (ordinary memory, not wiped by encfs); the locked
     buffer is then wiped as soon as the items are dropped."""
