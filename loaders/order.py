@@ -54,7 +54,7 @@ Uneven = Literal["split", "drop", "pad"]
 STATE_VERSION = 1
 RANK_KIND = "encfs.loaders/rank-state"
 GLOBAL_KIND = "encfs.loaders/global-state"
-_ORDER_KEYS = ("seed", "shuffle", "window", "num_samples", "shards")
+_ORDER_KEYS = ("seed", "shuffle", "window", "num_samples", "shards", "dataset")
 """State keys that fix the order itself: a resume point is only valid for the same values."""
 
 
@@ -146,6 +146,20 @@ def _digest(sizes: np.ndarray) -> str:
     return hashlib.sha256(sizes.astype("<i8").tobytes()).hexdigest()[:32]
 
 
+def dataset_identity(dataset: Any) -> str | None:
+    """What a resume state must belong to: the dataset's files (``dataset.shards.paths``) and
+    record layout, digested; None for a dataset that names no files."""
+    paths = getattr(getattr(dataset, "shards", None), "paths", None)
+    if paths is None:
+        return None
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(p).encode() + b"\0")
+    for attr in ("record_bytes", "record_shape", "dtype", "columns"):
+        h.update(f"{attr}={getattr(dataset, attr, None)!r}\0".encode())
+    return h.hexdigest()[:32]
+
+
 class EpochOrder(_SamplerBase):  # type: ignore[misc,valid-type]
     """A map-style sampler: this rank's share of the epoch's global order, from the resume point.
 
@@ -177,6 +191,7 @@ class EpochOrder(_SamplerBase):  # type: ignore[misc,valid-type]
         if shard_sizes is None and not isinstance(data, (int, np.integer)):
             shard_sizes = getattr(data, "shard_sizes", None)
         self._sizes = _shard_sizes(self.num_samples, shard_sizes)
+        self.identity = None if isinstance(data, (int, np.integer)) else dataset_identity(data)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.window = _default_window(self._sizes) if window is None else int(window)
@@ -258,6 +273,7 @@ class EpochOrder(_SamplerBase):  # type: ignore[misc,valid-type]
             "window": self.window,
             "num_samples": self.num_samples,
             "shards": _digest(self._sizes),
+            "dataset": self.identity,
             "uneven": self.uneven,
             "world_size": self.world_size,
             "rank": self.rank,
@@ -279,7 +295,10 @@ class EpochOrder(_SamplerBase):  # type: ignore[misc,valid-type]
         self._move(int(glob["epoch"]), int(glob["prefix"]), np.asarray(glob["extras"], dtype=np.int64))
 
     def _check_order(self, state: dict[str, Any]) -> None:
-        mine = {"seed": self.seed, "shuffle": self.shuffle, "window": self.window, "num_samples": self.num_samples, "shards": _digest(self._sizes)}
+        mine = {
+            "seed": self.seed, "shuffle": self.shuffle, "window": self.window, "num_samples": self.num_samples,
+            "shards": _digest(self._sizes), "dataset": self.identity,
+        }
         bad = [k for k in _ORDER_KEYS if state.get(k) != mine[k]]
         if bad:
             raise ValueError(

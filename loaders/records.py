@@ -53,6 +53,12 @@ class RecordShards:
     def __len__(self) -> int:
         return self.index.total
 
+    @property
+    def shard_sizes(self) -> list[int]:
+        """Records per shard, in index order: ``EpochOrder`` shuffles shards, then records
+        within windows, so reads stay mostly sequential within a shard."""
+        return list(self.index.counts)
+
     def sample(self, i: int) -> Sample:
         """(shard, plaintext start, length) of item ``i``."""
         k, j = self.index.locate(i)

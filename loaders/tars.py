@@ -218,6 +218,7 @@ class EncryptedTarDataset(_IterableBase):  # type: ignore[misc,valid-type]
     def _group(self, tar: tarfile.TarFile, k: int, url: str, skip: int) -> Iterator[dict[str, Any]]:
         current: dict[str, Any] | None = None
         index = -1
+        finished: set[str] = set()
         for member in tar:
             if not member.isreg() or ("/" not in member.name and member.name.startswith("__") and member.name.endswith("__")):
                 continue
@@ -226,8 +227,12 @@ class EncryptedTarDataset(_IterableBase):  # type: ignore[misc,valid-type]
                 continue
             key, field = parts
             if current is None or key != current["__key__"]:
-                if current is not None and index >= skip:
-                    yield current
+                if key in finished:
+                    raise ValueError(f"{url}: {member.name}: sample {key!r} appears again after other samples (its members must be adjacent)")
+                if current is not None:
+                    finished.add(current["__key__"])
+                    if index >= skip:
+                        yield current
                 index += 1
                 current = {"__key__": key, "__url__": url, "__shard__": k, "__index__": index, "__last__": False}
             if index < skip:
