@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--rss-gib", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--marker", default="before-after", help="the RESULTS.md block to write (one per comparison)")
+    ap.add_argument("--title", default="Before and after (same run)")
     a = ap.parse_args()
     passthrough = ["--size-mib", str(a.size_mib), "--mem-mib", str(a.mem_mib), "--rss-gib", str(a.rss_gib), "--reps", str(a.reps)]
     where = Path(tempfile.mkdtemp(prefix="encfs-before-after-"))
@@ -139,10 +141,10 @@ def main() -> None:
     new_rev = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     cores = len(os.sched_getaffinity(0))
     lines = [
-        "## Before and after (same run)",
+        f"## {a.title}",
         "",
         f"Machine: {cpu_model()}, {cores} cores. Command: `python benchmarks/bench_before_after.py --old-rev {a.old_rev} "
-        f"--rounds {a.rounds} --size-mib {a.size_mib} --mem-mib {a.mem_mib} --rss-gib {a.rss_gib} --reps {a.reps}` "
+        f"--marker {a.marker} --rounds {a.rounds} --size-mib {a.size_mib} --mem-mib {a.mem_mib} --rss-gib {a.rss_gib} --reps {a.reps}` "
         f"({time.strftime('%Y-%m-%d')}): old = {a.old_rev}, new = the working tree at {new_rev}; each benchmark "
         f"alternated old/new, best of {a.rounds} rounds x {a.reps} reps per row, GB/s.",
         "",
@@ -153,7 +155,7 @@ def main() -> None:
         o, n = best["old"].get(name), best["new"][name]
         lines.append(f"| {name} | {'' if o is None else f'{o:.2f}'} | {n:.2f} | {'' if not o else f'{n / o:.2f}'} |")
     print("\n".join(lines))
-    update_results(Path(a.out), "before-after", lines)
+    update_results(Path(a.out), a.marker, lines)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,15 @@ best of ``--reps`` epochs per row, rows interleaved. Also: the batch-buffer pool
 what worker processes leave in shared memory, and LitData with ``FernetEncryption`` when
 ``litdata`` is installed.
 
-    python benchmarks/bench_loaders.py [--size-mib 256] [--reps 3] [--record]
+The other dataset kinds, each on ``EncryptedLoader(threads=2)``, 2 worker processes and 0
+workers (the measurement behind each kind's ``loading`` default): ``EncryptedFileDataset``
+(``--files`` files of one 150,528-byte image each, decoded to a tensor), ``EncryptedParquetDataset``
+(``--parquet-mib`` of rows with an id, a label and a 1 KiB binary feature, in 4 files of 8
+row groups each, snappy) and ``EncryptedTarDataset`` (the ``--files`` images again as
+WebDataset samples in 8 tar shards, read by a plain DataLoader on 0 and 2 workers: it is
+iterable, so no threads row).
+
+    python benchmarks/bench_loaders.py [--size-mib 256] [--files 1000] [--parquet-mib 32] [--reps 3] [--record]
 """
 
 from __future__ import annotations
@@ -64,14 +72,89 @@ class PlainFiles:
         return {"paths": self.paths, "counts": self.counts, "starts": self.starts, "_files": {}, "_pid": -1}
 
 
-def epoch(loader: Any) -> tuple[float, int]:
+def touch_tensor(batch: Any) -> int:
+    """Touch a batch tensor of records; its sample count."""
+    int(batch[-1, 0, 0, 0])
+    return len(batch)
+
+
+def touch_key(key: str, *index: int) -> Callable[[Any], int]:
+    """Touch ``batch[key]`` (a collated dict); the sample count."""
+
+    def touch(batch: Any) -> int:
+        int(batch[key][(-1, *index)])
+        return len(batch[key])
+
+    return touch
+
+
+def epoch(loader: Any, touch: Callable[[Any], int] = touch_tensor) -> tuple[float, int]:
     """Seconds for one epoch and samples seen (each batch touched once)."""
     n = 0
     t = time.perf_counter()
     for batch in loader:
-        n += len(batch)
-        int(batch[-1, 0, 0, 0])  # touch it
+        n += touch(batch)
     return time.perf_counter() - t, n
+
+
+def decode_image(view: memoryview) -> Any:
+    """A file's (or tar member's) plaintext as a uint8 3x224x224 tensor (a copy: module level,
+    so it pickles)."""
+    import torch
+
+    return torch.from_numpy(np.frombuffer(view, np.uint8).reshape(SHAPE).copy())
+
+
+def decode_label(data: bytes) -> int:
+    return int(data)
+
+
+PARQUET_FILES, PARQUET_GROUPS, PARQUET_FEATURE = 4, 8, 1024
+TAR_SHARDS = 8
+
+
+def write_kinds(work: Path, opts: dict, files: int, parquet_mib: int) -> dict[str, Any]:
+    """The file, Parquet and tar datasets' encrypted files under ``work``; their sizes."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size=RECORD, dtype=np.uint8).tobytes() for _ in range(files)]
+    (work / "files").mkdir()
+    for i, data in enumerate(images):
+        with fsspec.open(f"encfs::file://{work}/files/{i:05d}.img", "wb", **opts) as f:
+            f.write(data)
+    per_shard = -(-files // TAR_SHARDS)
+    for k in range(TAR_SHARDS):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+            for i in range(k * per_shard, min(files, (k + 1) * per_shard)):
+                for field, body in (("img", images[i]), ("cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(f"{i:05d}.{field}")
+                    info.size = len(body)
+                    t.addfile(info, io.BytesIO(body))
+        with fsspec.open(f"encfs::file://{work}/shard-{k:02d}.tar", "wb", **opts) as f:
+            f.write(buf.getvalue())
+    group = max(64, parquet_mib * (1 << 20) // (PARQUET_FEATURE + 16) // (PARQUET_FILES * PARQUET_GROUPS))
+    pq_bytes = 0
+    for k in range(PARQUET_FILES):
+        n = group * PARQUET_GROUPS
+        table = pa.table(
+            {
+                "id": np.arange(k * n, (k + 1) * n, dtype=np.int64),
+                "label": rng.integers(0, 10, n),
+                "x": [rng.bytes(PARQUET_FEATURE) for _ in range(n)],
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=group)
+        pq_bytes += len(buf.getvalue())
+        with fsspec.open(f"encfs::file://{work}/part-{k}.parquet", "wb", **opts) as f:
+            f.write(buf.getvalue())
+    return {"files": files, "rows": group * PARQUET_GROUPS * PARQUET_FILES, "group": group, "pq_bytes": pq_bytes, "per_shard": per_shard}
 
 
 def shm_exposure(ds: Any) -> dict[str, Any]:
@@ -170,6 +253,8 @@ class _lit_item:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--files", type=int, default=1000, help="files (and tar samples) of the file and tar rows")
+    ap.add_argument("--parquet-mib", type=int, default=32, help="plaintext rows of the Parquet rows")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-litdata", action="store_true")
     ap.add_argument("--record", action="store_true", help="write the block to benchmarks/RESULTS.md")
@@ -180,7 +265,7 @@ def main() -> None:
 
     from encfs.backend import get_backend
     from encfs.keys import SymmetricKey, key_file_text
-    from encfs.loaders import EncryptedRecordDataset, collate_locked
+    from encfs.loaders import EncryptedFileDataset, EncryptedParquetDataset, EncryptedRecordDataset, EncryptedTarDataset, collate_locked
     from encfs.loaders import pool as pool_mod
     from encfs.loaders.loader import EncryptedLoader
 
@@ -234,16 +319,45 @@ def main() -> None:
             ("encfs auto backend, 2 workers", enc_loader(enc_auto, num_workers=2)),
             ("encfs auto backend, threads=2", enc_loader(enc_auto, threads=2)),
         ]
-        best = {name: float("inf") for name, _ in rows}
+        sizes = write_kinds(work, opts, args.files, args.parquet_mib)
+        files_ds = EncryptedFileDataset(f"encfs::file://{work}/files/*.img", decode_image, opts)
+        parquet_ds = EncryptedParquetDataset(f"encfs::file://{work}/part-*.parquet", storage_options=opts)
+        tar_ds = EncryptedTarDataset(f"encfs::file://{work}/shard-*.tar", opts, decode={"img": decode_image, "cls": decode_label}, seed=1)
+        touch = {}
+
+        def kind(name: str, ds: Any, how: str, workers: int = 0, on: Callable[[Any], int] = touch_tensor) -> tuple[str, Callable[[Any], Any]]:
+            if how == "threads":
+                make = lambda: EncryptedLoader(ds, BATCH, seed=1, threads=2)  # noqa: E731
+            elif how == "workers":
+                make = lambda: EncryptedLoader(ds, BATCH, seed=1, num_workers=workers)  # noqa: E731
+            else:  # an iterable dataset: a plain DataLoader
+                make = lambda: DataLoader(ds, BATCH, num_workers=workers)  # noqa: E731
+            label = f"{name}, " + ("threads=2" if how == "threads" else f"{workers} workers")
+            touch[label] = on
+            return label, make
+
+        on_pq = touch_key("id")
+        on_tar = touch_key("img", 0, 0, 0)
+        kinds: list[tuple[str, Callable[[], Any]]] = [
+            kind("files", files_ds, "threads"),
+            kind("files", files_ds, "workers", 2),
+            kind("files", files_ds, "workers", 0),
+            kind("parquet", parquet_ds, "threads", on=on_pq),
+            kind("parquet", parquet_ds, "workers", 2, on=on_pq),
+            kind("parquet", parquet_ds, "workers", 0, on=on_pq),
+            kind("tar", tar_ds, "dataloader", 2, on=on_tar),
+            kind("tar", tar_ds, "dataloader", 0, on=on_tar),
+        ]
+        best = {name: float("inf") for name, _ in rows + kinds}
         seen = {}
         for _ in range(args.reps):
-            for name, make in rows:
+            for name, make in rows + kinds:
                 saved = None
                 if getattr(make, "no_pool", False):
                     saved = pool_mod._POOL
                     pool_mod._POOL = pool_mod.ForkLocal(lambda: pool_mod.BufferPool(max_idle_bytes=0))
                 try:
-                    t, n = epoch(make())
+                    t, n = epoch(make(), touch.get(name, touch_tensor))
                 finally:
                     if saved is not None:
                         pool_mod._POOL = saved
@@ -274,12 +388,38 @@ def main() -> None:
         f"encfs 0 workers / plaintext 0 workers: {r('plaintext, user Dataset, 0 workers', 'encfs, 0 workers'):.2f}",
         f"- pool on / off, 0 workers: {r('encfs, 0 workers, pool off', 'encfs, 0 workers'):.2f}; threads=2: {r('encfs, threads=2, pool off', T):.2f}",
     ]
+    kind_table = ["| dataset, loading | epoch s | samples/s | vs its 2 workers |", "|---|---:|---:|---:|"]
+    for name, _ in kinds:
+        t = best[name]
+        two = best[name.split(",")[0] + ", 2 workers"]
+        kind_table.append(f"| {name} | {t:.3f} | {seen[name] / t:,.0f} | {two / t:.2f} |")
+    k = lambda a, b: best[f"{a}, {b}"]  # noqa: E731
+    kind_ratios = [
+        f"- files threads=2 / 2 workers: {k('files', '2 workers') / k('files', 'threads=2'):.2f}; / 0 workers: {k('files', '0 workers') / k('files', 'threads=2'):.2f}",
+        f"- parquet threads=2 / 2 workers: {k('parquet', '2 workers') / k('parquet', 'threads=2'):.2f}; / 0 workers: {k('parquet', '0 workers') / k('parquet', 'threads=2'):.2f}",
+        f"- tar 2 workers / 0 workers: {k('tar', '0 workers') / k('tar', '2 workers'):.2f}",
+    ]
     if len(lit) == 2:
         lit_t = {name: t for name, t, _ in lit}
         enc_lit = lit_t["LitData + FernetEncryption (chunk)"]
         ratios.append(f"- LitData+Fernet / LitData plain: {lit_t['LitData plain'] / enc_lit:.2f}")
         ratios.append(f"- encfs threads=2 / LitData+Fernet: {enc_lit / best[T]:.2f}; encfs 2 workers / LitData+Fernet: {enc_lit / best['encfs, 2 workers']:.2f}")
     e = exposure
+    kind_lines = [
+        "",
+        f"Other dataset kinds, in the same run and rows interleaved with the above (batch {BATCH}; map-style ones "
+        f"through `EncryptedLoader(seed=1)`, shuffled, default collate): files: {sizes['files']} files of {RECORD} bytes, "
+        f"`EncryptedFileDataset(decode=...)` to a uint8 3x224x224 tensor; parquet: {sizes['rows']} rows (int64 id, "
+        f"int64 label, {PARQUET_FEATURE}-byte binary) in {PARQUET_FILES} snappy files of {PARQUET_GROUPS} row groups of "
+        f"{sizes['group']} rows ({sizes['pq_bytes'] / 1e6:.0f} MB), `EncryptedParquetDataset` default items (`to_pylist`), "
+        f"shuffled within windows of a row group; tar: the same {sizes['files']} images plus a label as WebDataset "
+        f"samples in {TAR_SHARDS} shards of {sizes['per_shard']}, `EncryptedTarDataset(decode=...)` (shard order "
+        f"shuffled) under a plain `DataLoader` (an iterable dataset: no threads row).",
+        "",
+        *kind_table,
+        "",
+        *kind_ratios,
+    ]
     lines = [
         "## Loaders",
         "",
@@ -295,6 +435,7 @@ def main() -> None:
         "Ratios from this run (speed, higher is better for the first named):",
         "",
         *ratios,
+        *kind_lines,
         "",
         f"Batch-buffer pool in the benchmark process after the pooled rows: {stats['maps']} buffers mapped, "
         f"{stats['reuses']} reuses, {stats['unlocked']} used unlocked (RLIMIT_MEMLOCK {stats['lock_limit']} bytes; "

@@ -5,6 +5,13 @@ to ``decode``; the plaintext is wiped as soon as ``decode`` returns, so ``decode
 what it keeps (``bytes(view)``, ``np.frombuffer(view, ...).copy()``, a decoded image, ...).
 ``__getitems__`` reads a batch of files into one locked buffer, one ``read_chunks`` call per
 file.
+
+Threads or processes: ``EncryptedLoader`` reads this dataset on threads of the main process by
+default (``loading = "threads"``): measured 2.4-4.2x faster than 2 worker processes for shuffled
+150 KB files, batch 64, on 2 cores (benchmarks/RESULTS.md, "Loaders"). In a loop that only
+loads, reading in the main process without threads (``num_workers=0``) was faster still in
+most runs (threads at 0.75-1.03x of it), but it cannot read ahead while the loop trains.
+Worker processes remain the choice for a ``decode`` that holds the GIL for long.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ class EncryptedFileDataset:
     """The files of ``urls`` (``encfs::`` URLs, globs, brace ranges), one item each:
     ``decode(view)`` of its plaintext. ``decode`` must be picklable (a module-level function)
     for spawn and forkserver workers."""
+
+    loading = "threads"
+    """How ``EncryptedLoader`` reads this dataset unless told otherwise (threads, not processes)."""
 
     def __init__(self, urls: str | Iterable[str], decode: Callable[[memoryview], Any] = as_bytes, storage_options: dict | None = None, *, worker_threads: int | None = 1):
         self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads)

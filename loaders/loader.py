@@ -17,8 +17,9 @@ A thin wrapper over ``torch.utils.data.DataLoader`` for map-style datasets, with
   (the C decrypt path releases the GIL): ordered delivery, at most ``N x prefetch_factor``
   batches ahead, the same ``state_dict`` semantics, and no plaintext in shared memory at all.
   ``num_workers=N`` uses DataLoader worker processes as usual. With neither given, a dataset
-  that names its faster way (``loading = "threads"`` on the record and ``.npy`` datasets,
-  measured in benchmarks/bench_loaders.py) gets it, with ``os.cpu_count()`` threads;
+  that names its faster way (``loading = "threads"`` on the record, ``.npy``, file and
+  Parquet datasets, measured against worker processes in benchmarks/bench_loaders.py) gets
+  it, with ``os.cpu_count()`` threads;
   anything else reads in the main process as before.
 - **Workers and plaintext.** Worker processes get ``ENCFS_THREADS=1`` unless it is already set
   (so the workers, not threads inside each, share the cores), then run the user's own

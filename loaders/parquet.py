@@ -20,6 +20,14 @@ from calling into Python from its own threads: the README's known issue (an abor
 after ``read_table`` through a Python filesystem) is not met on this path. Each process opens
 its own files on first use (fork, spawn, forkserver, S3), and one file is read by one thread
 at a time. Decoded values are ordinary memory (pyarrow buffers, Python objects), not wiped.
+
+Threads or processes: ``EncryptedLoader`` reads this dataset on threads of the main process by
+default (``loading = "threads"``): measured 1.2-2.2x faster than 2 worker processes for
+shuffled rows, batch 64, on 2 cores (benchmarks/RESULTS.md, "Loaders"). In a loop that only
+loads, reading in the main process without threads (``num_workers=0``) was faster in most
+runs (threads at 0.68-1.22x of it: threads reading one file take turns on its lock, and
+``to_pylist`` holds the GIL), but it cannot read ahead while the loop trains. A ``transform``
+that holds the GIL for long favours ``num_workers=N``.
 """
 
 from __future__ import annotations
@@ -126,6 +134,9 @@ class EncryptedParquetDataset:
     file order; ``columns`` selects columns (default: all). The files must share one schema.
     ``transform`` must be picklable (a module-level function) for spawn and forkserver workers.
     """
+
+    loading = "threads"
+    """How ``EncryptedLoader`` reads this dataset unless told otherwise (threads, not processes)."""
 
     def __init__(
         self,

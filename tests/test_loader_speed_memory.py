@@ -22,7 +22,7 @@ from encfs.loaders.loader import EncryptedLoader, wipe_batch  # noqa: E402
 from encfs.loaders.order import EpochOrder  # noqa: E402
 from encfs.loaders.pool import BufferPool, pool, size_class  # noqa: E402
 
-from .test_loader_datasets import _write  # noqa: E402
+from .test_loader_datasets import _npy_bytes, _write  # noqa: E402
 
 SHAPE = (5, 700)  # 14,000-byte float32 records
 NBYTES = 14_000
@@ -213,14 +213,89 @@ def test_record_datasets_default_to_threads(data):
         EncryptedLoader(ds, 4, num_workers=2, threads=2)
 
 
+# What benchmarks/bench_loaders.py measured as each map-style kind's faster way to load.
+MEASURED_LOADING = {
+    "EncryptedRecordDataset": "threads",
+    "EncryptedNpyDataset": "threads",
+    "EncryptedFileDataset": "threads",
+    "EncryptedParquetDataset": "threads",
+}
+
+
+def _as_list(items):
+    """A ``collate_fn``: the items as they are (records as bytes, to compare)."""
+    return [x.numpy().tobytes() if isinstance(x, torch.Tensor) else x for x in items]
+
+
+def _every_map_style_kind(data, tmp_path):
+    from encfs.loaders import EncryptedFileDataset, EncryptedNpyDataset
+
+    opts = data["opts"]
+    npy = [f"encfs::file://{tmp_path}/a-{k}.npy" for k in range(2)]
+    for k, url in enumerate(npy):
+        _write(url, _npy_bytes(np.arange(30 * k, 30 * k + 30, dtype=np.int32).reshape(10, 3)), opts)
+    out = [
+        EncryptedRecordDataset(data["urls"], SHAPE, np.float32, opts),
+        EncryptedNpyDataset(npy, storage_options=opts),
+        EncryptedFileDataset(data["urls"], storage_options=opts),
+    ]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return out
+    from encfs.loaders import EncryptedParquetDataset
+
+    pq_path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": np.arange(40, dtype=np.int64), "tag": [f"r{i}" for i in range(40)]}), pq_path, row_group_size=9)
+    _write(f"encfs::file://{tmp_path}/t-enc.parquet", pq_path.read_bytes(), opts)
+    return out + [EncryptedParquetDataset(f"encfs::file://{tmp_path}/t-enc.parquet", storage_options=opts)]
+
+
+def test_each_map_style_kind_declares_its_measured_loading_and_the_loader_follows_it(data, tmp_path):
+    kinds = _every_map_style_kind(data, tmp_path)
+    assert {type(ds).__name__ for ds in kinds} <= set(MEASURED_LOADING)
+    for ds in kinds:
+        name = type(ds).__name__
+        assert ds.loading == MEASURED_LOADING[name], name
+        loader = EncryptedLoader(ds, 4, seed=2, collate_fn=_as_list)
+        if ds.loading == "threads":
+            assert (loader.threads, loader.num_workers) == (os.cpu_count() or 1, 0), name
+        else:
+            assert loader.threads == 0 and loader.num_workers > 0, name
+        got = [b for b in loader]
+        ref = [b for b in EncryptedLoader(ds, 4, seed=2, num_workers=0, collate_fn=_as_list)]
+        assert got == ref and sum(map(len, got)) == len(ds), name
+        # an explicit choice still wins over the declared default
+        assert EncryptedLoader(ds, 4, num_workers=0).threads == 0
+        assert (EncryptedLoader(ds, 4, num_workers=2).num_workers, EncryptedLoader(ds, 4, num_workers=2).threads) == (2, 0)
+        assert EncryptedLoader(ds, 4, threads=1).threads == 1
+
+
+def test_a_dataset_without_a_loading_default_reads_in_the_main_process():
+    class Plain:
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return i
+
+    loader = EncryptedLoader(Plain(), 4)
+    assert (loader.threads, loader.num_workers) == (0, 0)
+    assert sorted(i for b in loader for i in b.tolist()) == list(range(8))
+
+
 def test_thread_prefetch_is_bounded_and_resume_is_exact(data):
     ds = EncryptedRecordDataset(data["urls"], SHAPE, np.float32, data["opts"])
     fetched = []
     real = ds.__getitems__
 
-    class Counting:
+    class Counting:  # ds itself (its shards, layout and identity), counting its batch reads
         def __len__(self):
             return len(ds)
+
+        def __getattr__(self, name):
+            return getattr(ds, name)
 
         def __getitems__(self, idx):
             fetched.append(len(idx))
