@@ -8,6 +8,8 @@ the URL form ``encfs::s3://bucket/key`` does the same through fsspec's chaining.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import io
 import os
 import threading
@@ -22,7 +24,7 @@ from . import format as fmt
 from .backend import CipherBackend, get_backend
 from .copying import copy_stream
 from .env import default_key
-from .errors import FormatError, naming, with_path
+from .errors import ConfigError, FormatError, naming, with_path
 from .file import DEFAULT_READAHEAD, EncryptedReader
 from .keys import KeyRing
 from .keys.refs import KeySpec
@@ -81,9 +83,10 @@ class EncFileSystem(ChainedFileSystem):
         **kwargs: Any,
     ):
         kwargs.pop("fo", None)
-        super().__init__(**kwargs)
+        key, target_options, fsspec_options = _route_options(key, kwargs, fs, target_protocol, target_options)
+        super().__init__(**fsspec_options)
         if fs is None:
-            fs = fsspec.filesystem(target_protocol or "file", **(target_options or {}))
+            fs = fsspec.filesystem(target_protocol or "file", **target_options)
         self.fs = fs
         self.keyring = KeyRing(key, recipients, identities)
         self.allow_plaintext = allow_plaintext
@@ -354,6 +357,72 @@ class EncFileSystem(ChainedFileSystem):
             self.keyring.wipe()
         except Exception:
             pass
+
+
+ENCFS_OPTIONS = ("target_protocol", "target_options", "fs", "key", "recipients", "identities", "allow_plaintext", "backend", "readahead")
+FSSPEC_OPTIONS = ("skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop")
+
+
+def _route_options(
+    key: KeySpec, options: dict[str, Any], fs: AbstractFileSystem | None, target_protocol: str | None, target_options: dict | None
+) -> tuple[KeySpec, dict[str, Any], dict[str, Any]]:
+    """Send flat options where fsspec users expect them: ``encfs::s3://`` with
+    ``storage_options={"secret": ..., "endpoint_url": ...}`` configures s3fs, as the same
+    options did before ``encfs::`` was put in front of the URL. An option the target's
+    constructor names goes to the target (an explicit ``target_options`` entry wins); a ``key``
+    that is no encfs key reference (no ``keyfile:``/``env:``/... scheme) but an option of the
+    target (s3fs's access key id) goes there too. Anything else is a ``ConfigError`` listing the
+    valid options, with a near miss suggested. Returns (key, target options, fsspec options)."""
+    target_options = dict(target_options or {})
+    accepted = _constructor_options(type(fs) if fs is not None else _target_class(target_protocol))
+    fsspec_options = {k: options.pop(k) for k in list(options) if k in FSSPEC_OPTIONS}
+    if isinstance(key, str) and key and not _is_key_reference(key) and "key" in accepted:
+        target_options.setdefault("key", key)
+        key = None
+    unknown = []
+    for name, value in options.items():
+        if name in accepted and fs is None:
+            target_options.setdefault(name, value)
+        else:
+            unknown.append(name)
+    if unknown:
+        valid = sorted(set(ENCFS_OPTIONS) | set(FSSPEC_OPTIONS) | (accepted if fs is None else set()))
+        near = {n: difflib.get_close_matches(n, valid, n=1) for n in unknown}
+        hints = "".join(f"; did you mean {near[n][0]!r} for {n!r}?" for n in unknown if near[n])
+        where = "" if fs is None else " (options of a ready target filesystem given as fs= cannot be set here)"
+        raise ConfigError(f"unknown encfs option(s) {sorted(unknown)}{where}; valid: {', '.join(valid)}{hints}")
+    return key, target_options, fsspec_options
+
+
+def _target_class(protocol: str | None) -> type | None:
+    try:
+        return fsspec.get_filesystem_class(protocol or "file")
+    except (ValueError, ImportError):
+        return None
+
+
+def _constructor_options(cls: type | None) -> set[str]:
+    """Keyword options named by ``cls``'s constructor or its bases' (not ``**kwargs``)."""
+    names: set[str] = set()
+    for klass in getattr(cls, "__mro__", ()):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+    return names
+
+
+def _is_key_reference(text: str) -> bool:
+    """Whether ``text`` names encfs keys (every comma-separated item has a registered scheme)."""
+    from .keys import registry
+
+    schemes = set(registry.schemes())
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return bool(items) and all(t.partition(":")[0] in schemes for t in items)
 
 
 def _starts_with_magic(raw: Any, ct_size: int) -> bool:
