@@ -32,15 +32,36 @@ from .filesystem import EncFileSystem
 from .header import open_header, read_header
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
 from .rewrap import rewrap
+from .securemem import cleanse
 from .sink import LocalSink, Sink, fill_atomically, is_local, is_temp_name, open_sink, remove_stale_temporaries, temp_name
 from .target import Target
 from .writer import PayloadWriter
 
 
+ENCFS_HOPS = ("encfs::", "encfs://")
+
+
+def encfs_hops(arg: str) -> tuple[str, int]:
+    """``arg`` without its leading ``encfs::`` hops, and how many there were. The CLI itself
+    is the encfs layer, so an ``encfs::`` URL names the ciphertext below it; two hops would
+    encrypt twice and are refused. An ``encfs::`` hop further down a chain is refused too."""
+    hops = 0
+    while arg.startswith(ENCFS_HOPS):
+        arg = arg[len("encfs::") if arg.startswith("encfs::") else len("encfs://"):]
+        hops += 1
+    if hops > 1:
+        raise EncfsError(f"{'encfs::' * hops}...: {hops} encfs:: hops would encrypt twice; write one (encfs::URL)")
+    if "::encfs::" in arg or "::encfs://" in arg:
+        raise EncfsError(f"{arg}: encfs:: must be the first hop of a URL here (encfs::PROTOCOL://...)")
+    return arg, hops
+
+
 def url_to_fs(arg: str) -> tuple[Any, str]:
     """The filesystem and path an argument names: an fsspec URL, else a local path (also one
     with '::' in its name that fsspec would take for a chain of protocols); an argument that is
-    neither is one clear error, not a bare ValueError."""
+    neither is one clear error, not a bare ValueError. A leading ``encfs::`` hop is dropped:
+    the command encrypts or decrypts itself (``encfs_hops``)."""
+    arg, _ = encfs_hops(arg)
     try:
         return _fsspec_url_to_fs(arg)
     except (ValueError, ImportError) as e:
@@ -53,10 +74,57 @@ def _keyring(args: argparse.Namespace) -> KeyRing:
     return KeyRing(args.key or None, getattr(args, "recipient", None) or None, getattr(args, "identity", None) or None)
 
 
-def _progress(total: int | None, desc: str, enabled: bool):
+def key_label(key: Any) -> str:
+    """A key's id as headers show it (``Stanza.label``): ``key:<hex>``, ``x25519:<hex>``; a
+    type without ids (passphrase) is its type alone."""
+    kid = getattr(key, "key_id", b"")
+    return f"{key.type}:{kid.hex()}" if kid else key.type
+
+
+_bare_paths_noted: set[str] = set()
+
+
+def key_refs(values: Sequence[str], flag: str) -> list[str]:
+    """The references given to ``flag`` (-k/-r/-i/--add), comma-separated ones split. A bare
+    path that exists as a file is taken as ``keyfile:PATH`` (said once on stderr); a value that
+    is neither a reference nor a file, or is both, is refused with the fix spelled out."""
+    from .keys import registry  # noqa: PLC0415
+
+    out: list[str] = []
+    for value in values:
+        for item in (v.strip() for v in value.split(",")):
+            if not item:
+                continue
+            scheme, sep, rest = item.partition(":")
+            is_ref = bool(sep and rest) and registry.is_scheme(scheme) and registry.loader(scheme) is not None
+            path = os.path.expanduser(item)
+            is_file = os.path.isfile(path)
+            if is_ref and is_file:
+                raise EncfsError(
+                    f"{flag} {item}: both a key reference and a file of that name; write "
+                    f"{flag} keyfile:{os.path.join('.', item) if not os.path.isabs(item) else item} for the file"
+                )
+            if is_ref:
+                out.append(item)
+            elif is_file:
+                ref = f"keyfile:{os.path.abspath(path)}"
+                if item not in _bare_paths_noted:
+                    _bare_paths_noted.add(item)
+                    print(f"encfs: note: {flag} {item}: taken as {ref}", file=sys.stderr)
+                out.append(ref)
+            else:
+                known = ", ".join(f"{s}:" for s in registry.schemes())
+                why = "no such file" if not sep else "not a key reference"
+                raise EncfsError(
+                    f"{flag} {item}: {why}; a key is a reference ({known}), e.g. {flag} keyfile:PATH for a key file"
+                )
+    return out
+
+
+def _progress(total: int | None, desc: str, enabled: bool, unit: str = "B"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None if enabled else True, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024, disable=None if enabled else True, leave=False)
 
 
 def _warn(message: str) -> None:
@@ -280,12 +348,41 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _seal(sink: Sink, enc: EncFileSystem, src: BinaryIO, progress: Callable[[int], Any]) -> None:
-    """Encrypt ``src`` into ``sink``; it is committed only if everything was read and sealed."""
+class _Plaintext:
+    """``readinto`` over a source that must not already be an encfs file: the first bytes are
+    checked for the encfs magic before any is passed on (encrypting twice is refused)."""
+
+    def __init__(self, src: BinaryIO, name: str):
+        self._src, self._name, self._checked = src, name, False
+
+    def readinto(self, buf: Any) -> int:
+        if self._checked:
+            return self._src.readinto(buf)
+        head = bytearray()
+        while len(head) < len(fmt.MAGIC):
+            part = self._src.read(len(fmt.MAGIC) - len(head))
+            if not part:
+                break
+            head += part
+        self._checked = True
+        if bytes(head) == fmt.MAGIC:
+            raise EncfsError(
+                f"{self._name}: already an encfs file; refusing to encrypt it twice "
+                "(decrypt it first; `encfs rewrap` changes who can read it)"
+            )
+        view = memoryview(buf).cast("B")
+        view[: len(head)] = head
+        cleanse(head)
+        return len(view[: len(head)])
+
+
+def _seal(sink: Sink, enc: EncFileSystem, src: BinaryIO, progress: Callable[[int], Any], name: str = "-") -> None:
+    """Encrypt ``src`` into ``sink``; it is committed only if everything was read and sealed.
+    A source that is already an encfs file is refused."""
     writer = PayloadWriter(sink, enc.keyring, enc.backend)
     done = False
     try:
-        copy_stream(src, writer, progress)
+        copy_stream(_Plaintext(src, name), writer, progress)
         writer.seal()
         writer.commit()
         done = True
@@ -382,6 +479,11 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
+    if args.src != STDIO and encfs_hops(args.src)[1]:
+        raise EncfsError(
+            f"{args.src}: an encfs:: source reads as plaintext through encfs, and encrypt takes plaintext files; "
+            "name the plaintext, or use `encfs rewrap` to change who can read encrypted files"
+        )
     enc = EncFileSystem(key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
     if args.dst == STDIO:
         if sys.stdout.isatty():
@@ -394,7 +496,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
         if tree.is_dir:
             raise EncfsError(f"{args.src} is a directory: write a tree to a directory, not to stdout")
         with _open_source(src_fs, tree.items[0]) as r:
-            _seal(_StdoutSink(sys.stdout.buffer), enc, r, lambda n: None)
+            _seal(_StdoutSink(sys.stdout.buffer), enc, r, lambda n: None, args.src)
         return 0
     dst_fs, dst = url_to_fs(args.dst)
     enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
@@ -418,7 +520,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
             sink.discard()
             raise
         with r:
-            _seal(sink, enc, r, progress)
+            _seal(sink, enc, r, progress, item.rel or item.src)
 
     return _run("encrypt", tree, dst_fs, dst, copy_one, args.progress, total)
 
@@ -430,6 +532,11 @@ def _open_source(fs: Any, item: _Item, nofollow: bool = False) -> BinaryIO:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
+    if args.dst != STDIO and encfs_hops(args.dst)[1]:
+        raise EncfsError(
+            f"{args.dst}: writing decrypted data through an encfs:: destination would encrypt it again; "
+            "name a plain path, or use `encfs rewrap` to change who can read the files"
+        )
     with contextlib.ExitStack() as stack:
         src_arg = args.src
         if src_arg == STDIO:
@@ -485,6 +592,142 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand(fs: Any, path: str, arg: str, dirs: bool = True) -> list[str]:
+    """The files ``path`` names: itself, every file below it (a directory), or the matches of a
+    glob (directories among them expanded too). encfs temporaries are left out."""
+    if any(c in path for c in "*?["):
+        found = sorted(fs.glob(path))
+        if not found:
+            raise EncfsError(f"{arg}: no file matches")
+    else:
+        found = [path]
+    out: list[str] = []
+    for p in found:
+        if fs.isdir(p):
+            if not dirs:
+                raise EncfsError(f"{arg}: is a directory")
+            out.extend(sorted(n for n in fs.find(p) if not is_temp_name(n)))
+        else:
+            out.append(p)
+    return out
+
+
+def _entry_line(e: dict, name: str) -> str:
+    if e.get("type") == "directory":
+        return f"{'-':>14}  {name.rstrip('/')}/"
+    enc = e.get("encrypted")
+    note = "" if enc is True else "  (not an encfs file: ciphertext size)" if enc is False else f"  ({_one_line(enc)})"
+    return f"{e.get('size', 0):>14}  {name}{note}"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """Plaintext sizes from the listing and each file's header length (no key needed)."""
+    fs, path = url_to_fs(args.path)
+    enc = EncFileSystem(fs=fs, key=[], skip_instance_cache=True)
+    if fs.isdir(path):
+        base = path.rstrip("/")
+        if args.recursive:
+            entries = sorted(enc.find(base, withdirs=True, detail=True).values(), key=lambda e: e["name"])
+        else:
+            entries = sorted(enc.ls(base, detail=True), key=lambda e: e["name"])
+        named = [(e, posixpath.relpath(e["name"], base) if e["name"] != base else ".") for e in entries]
+        named = [(e, n) for e, n in named if n != "."]
+    else:
+        named = [(enc.info(path), args.path)]
+    for e, name in named:
+        if args.json:
+            row = {"name": name, "path": e["name"], "type": e.get("type"), "size": e.get("size")}
+            if e.get("type") == "file":
+                row.update(ciphertext_size=e.get("ciphertext_size"), encrypted=e.get("encrypted"))
+            print(json.dumps(row, default=str))
+        else:
+            print(_entry_line(e, name))
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    """Decrypt files to stdout, one after another."""
+    for arg in args.paths:
+        fs, path = url_to_fs(arg)
+        enc = EncFileSystem(fs=fs, key=args.key or None, identities=args.identity or None, skip_instance_cache=True)
+        for p in _expand(fs, path, arg, dirs=False):
+            with enc.open(p, "rb") as r:
+                copy_stream(r, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+VERIFY_SPAN = 256
+"""Chunks opened per ``read_chunks`` call by ``verify`` (4 MiB of plaintext scratch)."""
+
+
+def verify_file(enc: EncFileSystem, path: str, scratch: bytearray) -> tuple[str, str] | None:
+    """Authenticate every chunk of ``path`` (header, key commitment and final chunk on open;
+    then every chunk, ``VERIFY_SPAN`` at a time, into ``scratch``, which is wiped). None when
+    it is sound; else (error type, reason). Key set-up errors are raised: they are no file's fault."""
+    try:
+        reader = enc.open_reader(path)
+        try:
+            if not hasattr(reader, "read_chunks"):  # pragma: no cover - only with allow_plaintext
+                return ("FormatError", f"{path}: not an encfs file")
+            out = memoryview(scratch)
+            for first in range(0, reader.chunks, VERIFY_SPAN):
+                reader.read_chunks(first, min(VERIFY_SPAN, reader.chunks - first), out)
+        finally:
+            reader.close()
+            cleanse(scratch)
+    except (KeyReferenceError, ConfigError):
+        raise
+    except (EncfsError, OSError) as e:  # IntegrityError, FormatError, NoMatchingKeyError, I/O
+        reason = _one_line(e)
+        return type(e).__name__, reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason
+    return None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Authenticate every chunk of every file named (directories and globs expand), on a small
+    thread pool; print the bad ones and exit 1 if there is any."""
+    import threading  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    jobs: list[tuple[EncFileSystem, str, str]] = []
+    for arg in args.paths:
+        fs, path = url_to_fs(arg)
+        enc = EncFileSystem(fs=fs, key=args.key or None, identities=args.identity or None, skip_instance_cache=True)
+        try:
+            jobs.extend((enc, p, enc.fs.unstrip_protocol(p) if not is_local(fs) else p) for p in _expand(fs, path, arg))
+        except FileNotFoundError:
+            raise EncfsError(f"{arg}: no such file or directory") from None
+    if not jobs[0][0].keyring.identities() if jobs else False:
+        raise EncfsError("no key to verify with: pass -k or -i (or set $ENCFS_KEY)")
+    jobs = list({p: (e, p, shown) for e, p, shown in jobs}.values())
+    local = threading.local()
+
+    def one(job: tuple[EncFileSystem, str, str]) -> tuple[str, tuple[str, str] | None]:
+        enc, path, shown = job
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = bytearray(VERIFY_SPAN * cs.CHUNK_SIZE)
+        return shown, verify_file(enc, path, scratch)
+
+    bad = 0
+    workers = max(1, min(args.jobs, len(jobs) or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="encfs-verify") as pool, \
+            _progress(len(jobs), "verify", args.progress, unit="file") as bar:
+        for shown, result in pool.map(one, jobs):
+            bar.update(1)
+            if args.json:
+                row = {"path": shown, "ok": result is None}
+                if result:
+                    row.update(error=result[0], reason=result[1])
+                print(json.dumps(row), flush=True)
+            elif result:
+                print(f"{shown}: {result[0]}: {result[1]}", flush=True)
+            bad += result is not None
+    print(f"verified {len(jobs)} file(s): {len(jobs) - bad} ok, {bad} bad", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def inspect_file(path: str, keyring: KeyRing | None) -> dict:
     """Header facts of ``path``; with identities, also whether its header MAC and key
     commitment verify (no chunk is read)."""
@@ -535,12 +778,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_id(args: argparse.Namespace) -> int:
+    """Print the id a key has in headers (what ``inspect`` lists and ``rewrap --remove`` takes)."""
+    (ref,) = key_refs([args.key_ref], "encfs key id")
+    key = load_reference(ref)
+    try:
+        print(key_label(key))
+    finally:
+        getattr(key, "wipe", lambda: None)()
+    return 0
+
+
+def _removal(value: str) -> str:
+    """A ``rewrap --remove`` value as a stanza label: ``type:hex``, bare key id hex or a type
+    without ids are taken as they are; otherwise it is a key reference (or a key file's path),
+    loaded to learn its id."""
+    from .keys import registry  # noqa: PLC0415
+
+    kind, sep, rest = value.partition(":")
+    hexdigits = set("0123456789abcdefABCDEF")
+    if not sep and (value in registry.names() or (value and set(value) <= hexdigits)):
+        return value
+    if sep and kind in registry.names() and rest and set(rest) <= hexdigits and len(rest) % 2 == 0 and len(rest) <= 32:
+        return value.lower()
+    (ref,) = key_refs([value], "--remove")
+    key = load_reference(ref)
+    try:
+        return key_label(key)
+    finally:
+        getattr(key, "wipe", lambda: None)()
+
+
 def cmd_rewrap(args: argparse.Namespace) -> int:
     keyring = KeyRing(args.key or None, identities=args.identity or None)
-    add = [load_reference(r) for r in args.add]
+    add = [load_reference(r) for r in key_refs(args.add, "--add")]
+    remove = [_removal(r) for r in args.remove]
     for path in args.paths:
         fs, p = url_to_fs(path)
-        res = rewrap(fs, p, keyring, add=add, remove=args.remove, in_place=not args.no_in_place)
+        res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place)
         how = "in place" if res.in_place else "by rewriting the header into a new file"
         print(f"{path}: +{res.added} -{res.removed} ({how}); now {res.header.labels()}", file=sys.stderr)
     return 0
@@ -572,9 +847,43 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, default=str))
     else:
-        for k, v in out.items():
-            print(f"{k:>16}: {v}")
+        for line in doctor_lines(out):
+            print(line)
     return 0
+
+
+def _bytes_text(n: Any) -> str:
+    if not isinstance(n, int):
+        return str(n)
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.4g} {unit}"
+
+
+def doctor_lines(out: dict[str, Any]) -> list[str]:
+    """``encfs doctor`` for people: one readable line per fact."""
+    native = out.get("native") or {}
+    lines = [f"encfs {out.get('encfs')} (fsspec {out.get('fsspec')})", f"cipher backend: {out.get('backend')}"]
+    if native.get("built"):
+        lines.append(f"native library: built, {native.get('openssl_version')}, {native.get('threads')} thread(s)")
+        lines.append(
+            "memory locking: "
+            + ("works" if native.get("mlock_ok") else "NOT available (plaintext and keys may be swapped to disk)")
+            + f"; {_bytes_text(native.get('locked_bytes'))} locked now"
+        )
+    else:
+        lines.append(f"native library: not built ({native.get('why', 'unknown reason')}); the pure-Python backend is used")
+    if "mlock_fallbacks" in out:
+        n = out["mlock_fallbacks"]
+        lines.append(f"unlocked fallbacks: {n}" + ("" if not n else " (raise `ulimit -l` to keep buffers in locked memory)"))
+    if "rlimit_memlock" in out:
+        lines.append(f"locked memory limit (ulimit -l): {_bytes_text(out['rlimit_memlock'])}")
+    return lines
 
 
 def _seconds(text: str) -> float:
@@ -632,10 +941,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("rewrap", parents=[common], help="add/remove recipients without re-encrypting data")
     keys(sp, identity=True)
     sp.add_argument("--add", action="append", default=[], help="reference of a recipient to add (repeatable)")
-    sp.add_argument("--remove", action="append", default=[], help="stanza to remove: 'type:keyid' or key id hex (repeatable)")
+    sp.add_argument("--remove", action="append", default=[], help="recipient to remove: 'type:keyid', key id hex, or a key reference/file (repeatable)")
     sp.add_argument("--no-in-place", action="store_true", help="always rewrite to a new file and rename")
     sp.add_argument("paths", nargs="+")
     sp.set_defaults(func=cmd_rewrap)
+
+    sp = sub.add_parser("key", parents=[common], help="about keys: 'encfs key id FILE_OR_REFERENCE'")
+    ksub = sp.add_subparsers(dest="key_cmd", required=True)
+    kp = ksub.add_parser("id", parents=[common], help="print a key's id as headers show it (key:<hex>, x25519:<hex>)")
+    kp.add_argument("key_ref", metavar="FILE_OR_REFERENCE", help="key file, identity file, or reference (keyfile:, env:, x25519:...)")
+    kp.set_defaults(func=cmd_key_id)
 
     sp = sub.add_parser("clean", parents=[common], help="remove temporaries left by killed encfs writers")
     sp.add_argument("path", metavar="DIR_OR_URL", help="directory or fsspec URL")
@@ -643,10 +958,50 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--older-than", type=_seconds, default=3600.0, metavar="SECONDS", help="only temporaries older than this (default 3600)")
     sp.set_defaults(func=cmd_clean)
 
+    sp = sub.add_parser("ls", parents=[common], help="list files with their plaintext sizes (no key needed)")
+    sp.add_argument("path", metavar="PATH_OR_URL")
+    sp.add_argument("-R", "--recursive", action="store_true", help="every file below PATH")
+    sp.add_argument("--json", action="store_true", help="one JSON object per entry")
+    sp.set_defaults(func=cmd_ls)
+
+    sp = sub.add_parser("cat", parents=[common], help="decrypt files to stdout")
+    keys(sp, identity=True)
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.set_defaults(func=cmd_cat)
+
+    sp = sub.add_parser("verify", parents=[common], help="authenticate every chunk of every file; list the bad ones, exit 1 if any")
+    keys(sp, identity=True)
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="files, directories, globs or fsspec URLs")
+    sp.add_argument("-j", "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="files verified at once (default min(4, cores))")
+    sp.add_argument("--json", action="store_true", help="one JSON object per file: path, ok, error, reason")
+    sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sp.set_defaults(func=cmd_verify)
+
     sp = sub.add_parser("doctor", parents=[common], help="which cipher backend is active; whether memory locking works")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_doctor)
     return p
+
+
+_API_WORDS = (
+    ("pass key= or recipients=", "pass -k or -r"),
+    ("allow_plaintext=True (storage_options={'encfs': {'allow_plaintext': True}})", "--allow-plaintext (allow_plaintext=True in code)"),
+    ("key=", "-k"), ("recipients=", "-r"), ("identities=", "-i"),
+)
+
+
+def cli_words(message: str) -> str:
+    """A library error in the command's words: flags (-k/-r/-i), not keyword arguments."""
+    import re  # noqa: PLC0415
+
+    for api, flag in _API_WORDS:
+        if api.endswith("=") and api[0].isalpha():
+            message = re.sub(rf"(?<![\w-]){re.escape(api)}(?![\w'\"])", flag, message)
+        else:
+            message = message.replace(api, flag)
+    if "configured keys are none" in message and "-k" not in message:
+        message = message.replace("configured keys are none", "configured keys are none (pass -k or -i)")
+    return message
 
 
 def _one_line(e: BaseException) -> str:
@@ -660,6 +1015,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     try:
+        for attr, flag in (("key", "-k"), ("recipient", "-r"), ("identity", "-i")):
+            if isinstance(getattr(args, attr, None), list):
+                setattr(args, attr, key_refs(getattr(args, attr), flag))
         return args.func(args)
     except KeyboardInterrupt:
         if debug:
@@ -669,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EncfsError, OSError) as e:
         if debug:
             traceback.print_exc()
-        print(f"encfs: error: {_one_line(e)}", file=sys.stderr)
+        print(f"encfs: error: {cli_words(_one_line(e))}", file=sys.stderr)
         return 1
     except Exception as e:
         if debug:
