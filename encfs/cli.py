@@ -56,14 +56,69 @@ def encfs_hops(arg: str) -> tuple[str, int]:
     return arg, hops
 
 
-def url_to_fs(arg: str) -> tuple[Any, str]:
+def _option_value(text: str) -> Any:
+    """A ``-o`` value: JSON where it parses (true, 3, {"a": 1}), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def storage_options(pairs: Sequence[str], endpoint_url: str | None = None) -> dict[str, Any]:
+    """``-o KEY=VALUE`` options as fsspec storage options. ``PROTOCOL.KEY=VALUE`` is for that
+    hop of a URL only (``s3.anon=true``); other dots nest (``client_kwargs.region_name=...``).
+    ``--endpoint-url`` is ``endpoint_url`` (S3-compatible stores)."""
+    from fsspec.registry import known_implementations, registry  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise EncfsError(f"-o {pair}: expected KEY=VALUE or PROTOCOL.KEY=VALUE")
+        parts = key.split(".")
+        where = out
+        if len(parts) > 1 and (parts[0] in known_implementations or parts[0] in registry):
+            where = out.setdefault(_HOP_OPTIONS, {}).setdefault(parts[0], {})
+            parts = parts[1:]
+        for part in parts[:-1]:
+            nxt = where.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise EncfsError(f"-o {pair}: {part} is already set to a value, not options")
+            where = nxt
+        where[parts[-1]] = _option_value(value)
+    if endpoint_url:
+        out["endpoint_url"] = endpoint_url
+    return out
+
+
+_HOP_OPTIONS = "\0per-protocol"
+
+
+def _options_for(arg: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The storage options of one URL: per-protocol ones for the hops it has; flat ones for its
+    outermost hop unless that is local disk (a plain path takes none)."""
+    if not options:
+        return {}
+    from fsspec.core import split_protocol  # noqa: PLC0415
+
+    protocols = [split_protocol(bit)[0] or "file" for bit in arg.split("::")]
+    per_hop = options.get(_HOP_OPTIONS, {})
+    out: dict[str, Any] = {p: dict(per_hop[p]) for p in protocols if p in per_hop}
+    if protocols[0] not in ("file", "local"):
+        out.update({k: v for k, v in options.items() if k != _HOP_OPTIONS})
+    return out
+
+
+def url_to_fs(arg: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """The filesystem and path an argument names: an fsspec URL, else a local path (also one
     with '::' in its name that fsspec would take for a chain of protocols); an argument that is
     neither is one clear error, not a bare ValueError. A leading ``encfs::`` hop is dropped:
-    the command encrypts or decrypts itself (``encfs_hops``)."""
+    the command encrypts or decrypts itself (``encfs_hops``). ``options``: ``storage_options``."""
     arg, _ = encfs_hops(arg)
     try:
-        return _fsspec_url_to_fs(arg)
+        if "://" not in arg and "::" not in arg:
+            return _fsspec_url_to_fs(arg)
+        return _fsspec_url_to_fs(arg, **_options_for(arg, options))
     except (ValueError, ImportError) as e:
         if "://" not in arg:
             return LocalFileSystem(), os.path.abspath(arg)
@@ -352,37 +407,43 @@ class _Plaintext:
     """``readinto`` over a source that must not already be an encfs file: the first bytes are
     checked for the encfs magic before any is passed on (encrypting twice is refused)."""
 
-    def __init__(self, src: BinaryIO, name: str):
-        self._src, self._name, self._checked = src, name, False
-
-    def readinto(self, buf: Any) -> int:
-        if self._checked:
-            return self._src.readinto(buf)
-        head = bytearray()
-        while len(head) < len(fmt.MAGIC):
-            part = self._src.read(len(fmt.MAGIC) - len(head))
+    def __init__(self, src: BinaryIO, name: str | None):
+        self._src = src
+        self._head = bytearray()
+        while len(self._head) < len(fmt.MAGIC):
+            part = src.read(len(fmt.MAGIC) - len(self._head))
             if not part:
                 break
-            head += part
-        self._checked = True
-        if bytes(head) == fmt.MAGIC:
+            self._head += part
+        if bytes(self._head) == fmt.MAGIC:
             raise EncfsError(
-                f"{self._name}: already an encfs file; refusing to encrypt it twice "
+                (f"{name}: " if name else "") + "already an encfs file; refusing to encrypt it twice "
                 "(decrypt it first; `encfs rewrap` changes who can read it)"
             )
+
+    def readinto(self, buf: Any) -> int:
+        if not self._head:
+            return self._src.readinto(buf)
         view = memoryview(buf).cast("B")
-        view[: len(head)] = head
-        cleanse(head)
-        return len(view[: len(head)])
+        n = min(len(view), len(self._head))
+        view[:n] = self._head[:n]
+        cleanse(self._head)
+        del self._head[:n]
+        return n
 
 
-def _seal(sink: Sink, enc: EncFileSystem, src: BinaryIO, progress: Callable[[int], Any], name: str = "-") -> None:
+def _seal(sink: Sink, enc: EncFileSystem, src: BinaryIO, progress: Callable[[int], Any], name: str | None = None) -> None:
     """Encrypt ``src`` into ``sink``; it is committed only if everything was read and sealed.
-    A source that is already an encfs file is refused."""
+    A source that is already an encfs file is refused before anything is written."""
+    try:
+        plain = _Plaintext(src, name)
+    except BaseException:
+        sink.discard()
+        raise
     writer = PayloadWriter(sink, enc.keyring, enc.backend)
     done = False
     try:
-        copy_stream(_Plaintext(src, name), writer, progress)
+        copy_stream(plain, writer, progress)
         writer.seal()
         writer.commit()
         done = True
@@ -489,22 +550,22 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
         if sys.stdout.isatty():
             raise EncfsError("refusing to write ciphertext to a terminal: redirect stdout, or name an output file ('./-' for a file named '-')")
         if args.src == STDIO:
-            _seal(_StdoutSink(sys.stdout.buffer), enc, sys.stdin.buffer, lambda n: None)
+            _seal(_StdoutSink(sys.stdout.buffer), enc, sys.stdin.buffer, lambda n: None, "stdin")
             return 0
-        src_fs, src = url_to_fs(args.src)
+        src_fs, src = url_to_fs(args.src, args.storage_options)
         tree = _scan(src_fs, src)
         if tree.is_dir:
             raise EncfsError(f"{args.src} is a directory: write a tree to a directory, not to stdout")
         with _open_source(src_fs, tree.items[0]) as r:
             _seal(_StdoutSink(sys.stdout.buffer), enc, r, lambda n: None, args.src)
         return 0
-    dst_fs, dst = url_to_fs(args.dst)
+    dst_fs, dst = url_to_fs(args.dst, args.storage_options)
     enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
     if args.src == STDIO:
         tree = _Tree([_Item(STDIO, "")])
         total = None
     else:
-        src_fs, src = url_to_fs(args.src)
+        src_fs, src = url_to_fs(args.src, args.storage_options)
         tree = _scan(src_fs, src)
         dst = _destination(dst_fs, dst, tree, src)
         sizes = [i.size for i in tree.items]
@@ -520,7 +581,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
             sink.discard()
             raise
         with r:
-            _seal(sink, enc, r, progress, item.rel or item.src)
+            _seal(sink, enc, r, progress)
 
     return _run("encrypt", tree, dst_fs, dst, copy_one, args.progress, total)
 
@@ -546,7 +607,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             src_arg = os.path.join(tmpdir, "stdin.enc")
             with open(src_arg, "wb") as f:
                 copy_stream(sys.stdin.buffer, f, lambda n: None)
-        src_fs, src = url_to_fs(src_arg)
+        src_fs, src = url_to_fs(src_arg, args.storage_options)
         enc = EncFileSystem(fs=src_fs, key=args.key or None, identities=args.identity or None, allow_plaintext=args.allow_plaintext, skip_instance_cache=True)
         tree = _scan(src_fs, src)
         if args.dst == STDIO:
@@ -556,7 +617,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
                 copy_stream(r, sys.stdout.buffer, bar.update)
             sys.stdout.buffer.flush()
             return 0
-        dst_fs, dst = url_to_fs(args.dst)
+        dst_fs, dst = url_to_fs(args.dst, args.storage_options)
         dst = _destination(dst_fs, dst, tree, src)
         local = is_local(src_fs)
 
@@ -576,7 +637,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """Remove encfs temporaries that killed writers left behind (``sink.remove_stale_temporaries``)."""
-    fs, path = url_to_fs(args.path)
+    fs, path = url_to_fs(args.path, args.storage_options)
     if not fs.isdir(path):
         raise EncfsError(f"{args.path}: not a directory")
     dirs = [path]
@@ -622,7 +683,7 @@ def _entry_line(e: dict, name: str) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """Plaintext sizes from the listing and each file's header length (no key needed)."""
-    fs, path = url_to_fs(args.path)
+    fs, path = url_to_fs(args.path, args.storage_options)
     enc = EncFileSystem(fs=fs, key=[], skip_instance_cache=True)
     if fs.isdir(path):
         base = path.rstrip("/")
@@ -648,7 +709,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     """Decrypt files to stdout, one after another."""
     for arg in args.paths:
-        fs, path = url_to_fs(arg)
+        fs, path = url_to_fs(arg, args.storage_options)
         enc = EncFileSystem(fs=fs, key=args.key or None, identities=args.identity or None, skip_instance_cache=True)
         for p in _expand(fs, path, arg, dirs=False):
             with enc.open(p, "rb") as r:
@@ -679,7 +740,7 @@ def verify_file(enc: EncFileSystem, path: str, scratch: bytearray) -> tuple[str,
     except (KeyReferenceError, ConfigError):
         raise
     except (EncfsError, OSError) as e:  # IntegrityError, FormatError, NoMatchingKeyError, I/O
-        reason = _one_line(e)
+        reason = cli_words(_one_line(e))
         return type(e).__name__, reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason
     return None
 
@@ -692,7 +753,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     jobs: list[tuple[EncFileSystem, str, str]] = []
     for arg in args.paths:
-        fs, path = url_to_fs(arg)
+        fs, path = url_to_fs(arg, args.storage_options)
         enc = EncFileSystem(fs=fs, key=args.key or None, identities=args.identity or None, skip_instance_cache=True)
         try:
             jobs.extend((enc, p, enc.fs.unstrip_protocol(p) if not is_local(fs) else p) for p in _expand(fs, path, arg))
@@ -728,10 +789,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def inspect_file(path: str, keyring: KeyRing | None) -> dict:
+def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | None = None) -> dict:
     """Header facts of ``path``; with identities, also whether its header MAC and key
     commitment verify (no chunk is read)."""
-    fs, p = url_to_fs(path)
+    fs, p = url_to_fs(path, options)
     size = fs.size(p)
     target = Target(fs.open(p, "rb"))
     try:
@@ -765,7 +826,7 @@ def inspect_file(path: str, keyring: KeyRing | None) -> dict:
 def cmd_inspect(args: argparse.Namespace) -> int:
     keyring = _keyring(args) if (args.key or args.identity) else None
     for path in args.paths:
-        info = inspect_file(path, keyring)
+        info = inspect_file(path, keyring, args.storage_options)
         if args.json:
             print(json.dumps(info))
             continue
@@ -814,7 +875,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     add = [load_reference(r) for r in key_refs(args.add, "--add")]
     remove = [_removal(r) for r in args.remove]
     for path in args.paths:
-        fs, p = url_to_fs(path)
+        fs, p = url_to_fs(path, args.storage_options)
         res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place)
         how = "in place" if res.in_place else "by rewriting the header into a new file"
         print(f"{path}: +{res.added} -{res.removed} ({how}); now {res.header.labels()}", file=sys.stderr)
@@ -904,6 +965,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
 
+    storage = argparse.ArgumentParser(add_help=False)
+    storage.add_argument(
+        "-o", "--storage-option", dest="storage_option", action="append", default=[], metavar="KEY=VALUE",
+        help="fsspec storage option for URLs (repeatable); PROTOCOL.KEY=VALUE for one hop (s3.anon=true); values parse as JSON where they can",
+    )
+    storage.add_argument("--endpoint-url", metavar="URL", help="endpoint of an S3-compatible store (storage option endpoint_url)")
+
     def keys(sp: argparse.ArgumentParser, recipient: bool = False, identity: bool = False) -> None:
         sp.add_argument("-k", "--key", action="append", default=[], help="key reference for both directions (repeatable; default $ENCFS_KEY)")
         if recipient:
@@ -922,7 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_pubkey)
 
     for name, func, help_ in (("encrypt", cmd_encrypt, "encrypt a file or directory tree"), ("decrypt", cmd_decrypt, "decrypt a file or directory tree")):
-        sp = sub.add_parser(name, parents=[common], help=help_)
+        sp = sub.add_parser(name, parents=[common, storage], help=help_)
         keys(sp, recipient=name == "encrypt", identity=name == "decrypt")
         what_src, what_dst = ("plaintext", "ciphertext") if name == "encrypt" else ("ciphertext", "plaintext")
         sp.add_argument("src", help=f"{what_src}: file, directory tree or fsspec URL; '-' for stdin (symlinks inside a tree are skipped, never followed)")
@@ -932,13 +1000,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--allow-plaintext", action="store_true", help="pass through files that are not encfs files")
         sp.set_defaults(func=func)
 
-    sp = sub.add_parser("inspect", parents=[common], help="show header, recipients and sizes (no secrets)")
+    sp = sub.add_parser("inspect", parents=[common, storage], help="show header, recipients and sizes (no secrets)")
     keys(sp, identity=True)
     sp.add_argument("paths", nargs="+")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_inspect)
 
-    sp = sub.add_parser("rewrap", parents=[common], help="add/remove recipients without re-encrypting data")
+    sp = sub.add_parser("rewrap", parents=[common, storage], help="add/remove recipients without re-encrypting data")
     keys(sp, identity=True)
     sp.add_argument("--add", action="append", default=[], help="reference of a recipient to add (repeatable)")
     sp.add_argument("--remove", action="append", default=[], help="recipient to remove: 'type:keyid', key id hex, or a key reference/file (repeatable)")
@@ -952,24 +1020,24 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("key_ref", metavar="FILE_OR_REFERENCE", help="key file, identity file, or reference (keyfile:, env:, x25519:...)")
     kp.set_defaults(func=cmd_key_id)
 
-    sp = sub.add_parser("clean", parents=[common], help="remove temporaries left by killed encfs writers")
+    sp = sub.add_parser("clean", parents=[common, storage], help="remove temporaries left by killed encfs writers")
     sp.add_argument("path", metavar="DIR_OR_URL", help="directory or fsspec URL")
     sp.add_argument("-r", "--recursive", action="store_true", help="also every directory below it (symlinks not followed)")
     sp.add_argument("--older-than", type=_seconds, default=3600.0, metavar="SECONDS", help="only temporaries older than this (default 3600)")
     sp.set_defaults(func=cmd_clean)
 
-    sp = sub.add_parser("ls", parents=[common], help="list files with their plaintext sizes (no key needed)")
+    sp = sub.add_parser("ls", parents=[common, storage], help="list files with their plaintext sizes (no key needed)")
     sp.add_argument("path", metavar="PATH_OR_URL")
     sp.add_argument("-R", "--recursive", action="store_true", help="every file below PATH")
     sp.add_argument("--json", action="store_true", help="one JSON object per entry")
     sp.set_defaults(func=cmd_ls)
 
-    sp = sub.add_parser("cat", parents=[common], help="decrypt files to stdout")
+    sp = sub.add_parser("cat", parents=[common, storage], help="decrypt files to stdout")
     keys(sp, identity=True)
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.set_defaults(func=cmd_cat)
 
-    sp = sub.add_parser("verify", parents=[common], help="authenticate every chunk of every file; list the bad ones, exit 1 if any")
+    sp = sub.add_parser("verify", parents=[common, storage], help="authenticate every chunk of every file; list the bad ones, exit 1 if any")
     keys(sp, identity=True)
     sp.add_argument("paths", nargs="+", metavar="PATH", help="files, directories, globs or fsspec URLs")
     sp.add_argument("-j", "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="files verified at once (default min(4, cores))")
@@ -1015,6 +1083,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     try:
+        args.storage_options = storage_options(getattr(args, "storage_option", None) or [], getattr(args, "endpoint_url", None))
         for attr, flag in (("key", "-k"), ("recipient", "-r"), ("identity", "-i")):
             if isinstance(getattr(args, attr, None), list):
                 setattr(args, attr, key_refs(getattr(args, attr), flag))
