@@ -1,4 +1,4 @@
-"""The ``encfs`` command: keygen, pubkey, encrypt, decrypt, inspect, rewrap, clean, doctor.
+"""The ``encfs`` command: keygen, pubkey, key id, encrypt, decrypt, ls, cat, verify, inspect, rewrap, clean, doctor.
 
 Errors are one line on stderr and exit status 1 (``--debug`` for a traceback). A directory
 run is all-or-nothing: on failure every output it created is removed. Symlinks inside a
@@ -1072,6 +1072,10 @@ def cli_words(message: str) -> str:
     return message
 
 
+_STORAGE_MODULES = frozenset({"botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "adlfs", "aiohttp", "requests", "urllib3", "google", "azure"})
+"""Where errors that are the storage's, not encfs's, come from: shown as one line too."""
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
@@ -1101,6 +1105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        if type(e).__module__.split(".")[0] in _STORAGE_MODULES:  # credentials, endpoints, networks
+            print(f"encfs: error: storage: {type(e).__name__}: {_one_line(e)} (run with --debug for a traceback)", file=sys.stderr)
+            return 1
         print(f"encfs: error: unexpected {type(e).__name__}: {_one_line(e)} (run with --debug for a traceback)", file=sys.stderr)
         return 1
 
