@@ -1,8 +1,14 @@
 """The ``encfs`` command: keygen, pubkey, key id, encrypt, decrypt, ls, cat, verify, inspect, rewrap, clean, doctor.
 
-Errors are one line on stderr and exit status 1 (``--debug`` for a traceback). A directory
-run is all-or-nothing: on failure every output it created is removed. Symlinks inside a
-source tree are skipped, never followed. Local outputs take the source file's permission bits."""
+Errors are one line on stderr and exit status 1 (``--debug`` for a traceback). ``encrypt`` and
+``decrypt`` take several sources or globs (``'raw/*.parquet' enc/``: the last argument is then a
+directory; a trailing '/' always means one). A run over a tree or several sources is
+all-or-nothing: on failure every output it created is removed; with ``--keep-going`` a file
+that fails is left out, the files that succeeded are written, the failures are listed and the
+exit status is 1. Symlinks inside a source tree or among glob matches are skipped, never
+followed (``inspect`` and ``rewrap`` walk directories the same way). Local outputs take the
+source file's permission bits and access/modification times. ``passphrase:prompt`` asks twice
+when encrypting."""
 
 from __future__ import annotations
 
@@ -199,6 +205,12 @@ class _Item:
     rel: str
     mode: int | None = None
     size: int | None = None
+    times: tuple[int, int] | None = None
+    """(atime_ns, mtime_ns) of a local source: a local output takes them."""
+    fs: Any = None
+    """The source's filesystem when a run reads from several sources (else the run's own)."""
+    named: bool = False
+    """Named on the command line (may be a symlink or a pipe): opened as given."""
 
 
 @dataclass
@@ -232,7 +244,7 @@ def _scan_local(root: str) -> _Tree:
                 stack.append(r)
             elif ent.is_file(follow_symlinks=False):
                 st = ent.stat(follow_symlinks=False)
-                tree.items.append(_Item(ent.path, r, st.st_mode & 0o777, st.st_size))
+                tree.items.append(_Item(ent.path, r, st.st_mode & 0o777, st.st_size, (st.st_atime_ns, st.st_mtime_ns)))
             else:
                 tree.skipped.append((r, "not a regular file"))
     tree.items.sort(key=lambda i: i.rel)
@@ -248,7 +260,8 @@ def _scan(fs: Any, src: str) -> _Tree:
             return _scan_local(path)
         st = os.stat(path)  # a file named explicitly may be a symlink or a pipe (<(cmd)): read it
         regular = stat.S_ISREG(st.st_mode)
-        return _Tree([_Item(path, "", st.st_mode & 0o777 if regular else None, st.st_size if regular else None)])
+        times = (st.st_atime_ns, st.st_mtime_ns) if regular else None
+        return _Tree([_Item(path, "", st.st_mode & 0o777 if regular else None, st.st_size if regular else None, times)])
     if not fs.isdir(src):
         return _Tree([_Item(src, "", None, fs.size(src))])
     base = src.rstrip("/")
@@ -263,6 +276,85 @@ def _scan(fs: Any, src: str) -> _Tree:
             tree.dirs.append(rel)
         else:
             tree.items.append(_Item(name, rel, None, info.get("size")))
+    return tree
+
+
+def is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def several_sources(srcs: Sequence[str]) -> bool:
+    """Whether a run names several sources (the destination is then a directory): more than
+    one argument, or a glob (a path with glob characters that exists as named is one file)."""
+    if len(srcs) != 1:
+        return True
+    arg = srcs[0]
+    if arg == STDIO or not is_glob(arg):
+        return False
+    return "://" in arg or "::" in arg or not os.path.lexists(arg)
+
+
+def _named(fs: Any, path: str, arg: str) -> tuple[list[str], list[tuple[str, str]], bool]:
+    """What one argument names: ``path`` itself, or the matches of a glob (a local path with
+    glob characters that exists as named is itself). Returns the paths (local ones without
+    their protocol), the glob matches left out with why (encfs temporaries; on local disk
+    symlinks, never followed, and special files), and whether it was a glob."""
+    local = is_local(fs)
+    globbed = is_glob(path) and not (local and os.path.lexists(fs._strip_protocol(path)))
+    if not globbed:
+        return [fs._strip_protocol(path) if local else path], [], False
+    found = sorted(fs.glob(path))
+    if not found:
+        raise EncfsError(f"{arg}: no file matches")
+    out: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for m in found:
+        m = fs._strip_protocol(m) if local else m
+        if is_temp_name(posixpath.basename(m.rstrip("/"))):
+            skipped.append((m, "an unfinished encfs temporary file"))
+        elif local and os.path.islink(m):
+            skipped.append((m, "symlink, not followed"))
+        elif local and not (os.path.isdir(m) or os.path.isfile(m)):
+            skipped.append((m, "not a regular file"))
+        else:
+            out.append(m)
+    return out, skipped, True
+
+
+def _gather(srcs: Sequence[str], options: dict[str, Any] | None) -> _Tree:
+    """The files of a run over several sources (arguments and glob matches), as one tree
+    under a destination directory: a file goes to ``DST/NAME``, a directory to ``DST/NAME/...``
+    (like ``cp -r a b DST/``). Glob matches, like files found walking a tree, are read only if
+    they are regular files or directories (symlinks are skipped, never followed); an argument
+    named explicitly is read as given. Two sources with one output name are refused."""
+    tree = _Tree(is_dir=True)
+    owner: dict[str, str] = {}
+    for arg in srcs:
+        if arg == STDIO:
+            raise EncfsError("'-' (stdin) cannot be one of several sources")
+        fs, path = url_to_fs(arg, options)
+        matches, skipped, globbed = _named(fs, path, arg)
+        tree.skipped.extend(skipped)
+        for m in matches:
+            name = posixpath.basename(m.rstrip("/"))
+            sub = _scan(fs, m)
+            if sub.is_dir:
+                tree.dirs.append(name)
+                tree.dirs.extend(posixpath.join(name, d) for d in sub.dirs)
+                tree.skipped.extend((posixpath.join(name, r), why) for r, why in sub.skipped)
+            else:
+                sub.items[0].named = not globbed
+            for item in sub.items:
+                item.rel = posixpath.join(name, item.rel) if sub.is_dir else name
+                item.fs = fs
+                if item.rel in owner:
+                    if owner[item.rel] == item.src:
+                        continue  # named twice
+                    raise EncfsError(f"{owner[item.rel]} and {item.src} would both be written to {item.rel}")
+                owner[item.rel] = item.src
+                tree.items.append(item)
+    tree.items.sort(key=lambda i: i.rel)
+    tree.dirs = sorted(set(tree.dirs))
     return tree
 
 
@@ -306,6 +398,7 @@ class _Outputs:
         self.held: list[LocalSink] = []
         self.created: list[str] = []
         self.dirs: list[str] = []
+        self.times: dict[str, tuple[int, int]] = {}
 
     def makedirs(self, path: str) -> None:
         """Create ``path`` and missing parents, remembering which this run created."""
@@ -325,8 +418,9 @@ class _Outputs:
             self.fs.makedirs(path, exist_ok=True)
             self.dirs.append(path)
 
-    def sink(self, path: str, mode: int | None, staged: bool) -> Sink:
-        """An atomic sink for ``path``; ``staged`` defers publishing to ``publish()``."""
+    def sink(self, path: str, mode: int | None, staged: bool, times: tuple[int, int] | None = None) -> Sink:
+        """An atomic sink for ``path``; ``staged`` defers publishing to ``publish()``. A local
+        output takes ``times`` (atime_ns, mtime_ns) when published."""
         if self.local:
             path = os.path.abspath(path)
             if os.path.islink(path) and os.lstat(path).st_uid == os.getuid():
@@ -334,6 +428,8 @@ class _Outputs:
             if os.path.isdir(path):
                 raise EncfsError(f"{path}: is a directory")
             self.makedirs(os.path.dirname(path))
+            if times is not None:
+                self.times[path] = times
             if not staged:
                 return LocalSink(path, mode=mode)
             stage = temp_name(path)
@@ -345,8 +441,27 @@ class _Outputs:
             self.created.append(path)
         return open_sink(self.fs, path)
 
+    def mark(self) -> tuple[int, int, int]:
+        """Where the outputs stand now: ``drop`` forgets one file's outputs begun after it."""
+        return len(self.staged), len(self.held), len(self.created)
+
+    def drop(self, mark: tuple[int, int, int]) -> None:
+        """Forget the output of a file that failed (``--keep-going``): its staging file is
+        removed, and it is neither published nor counted as created."""
+        staged, held, created = mark
+        for stage, path in self.staged[staged:]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stage)
+            self.times.pop(path, None)
+        del self.staged[staged:]
+        while len(self.held) > held:
+            with contextlib.suppress(OSError):
+                self.held.pop().release()
+        del self.created[created:]
+
     def publish(self) -> None:
-        """Rename every staging file into place (local disk), then sync their directories."""
+        """Rename every staging file into place (local disk), then sync their directories.
+        Local outputs take their sources' access and modification times."""
         parents = set()
         while self.staged:
             stage, path = self.staged[0]
@@ -356,6 +471,10 @@ class _Outputs:
             if not existed:
                 self.created.append(path)
             parents.add(os.path.dirname(path))
+        for path, times in self.times.items():
+            with contextlib.suppress(OSError):
+                os.utime(path, ns=times, follow_symlinks=False)
+        self.times.clear()
         for d in parents:
             _fsync_dir(d)
         self._release()
@@ -453,24 +572,44 @@ def _seal(sink: Sink, enc: EncFileSystem, src: BinaryIO, progress: Callable[[int
                 writer.discard()
 
 
-def _destination(dst_fs: Any, dst: str, tree: _Tree, src: str) -> str:
-    """Where a single file goes: ``dst``, or inside it when ``dst`` is a directory (like cp)."""
-    if tree.is_dir or not dst_fs.isdir(dst):
+def _destination(dst_fs: Any, dst: str, tree: _Tree, src: str, dst_arg: str = "") -> str:
+    """Where a single file goes: ``dst``, or inside it when ``dst`` is a directory (like cp)
+    or is written with a trailing '/' (a directory, created if missing)."""
+    if tree.is_dir or not (dst_arg.endswith("/") or dst_fs.isdir(dst)):
         return dst
-    return posixpath.join(dst, posixpath.basename(src.rstrip("/")))
+    join = os.path.join if is_local(dst_fs) else posixpath.join
+    return join(dst, posixpath.basename(src.rstrip("/")))
+
+
+def _directory_destination(dst_fs: Any, dst: str, dst_arg: str) -> str:
+    """The destination of several sources: a directory (created if missing)."""
+    if dst_arg == STDIO:
+        raise EncfsError("several sources (or a glob) go to a directory, not to stdout")
+    if dst_fs.exists(dst) and not dst_fs.isdir(dst):
+        raise EncfsError(f"{dst_arg}: not a directory; several sources (or a glob) go to a directory")
+    return dst
 
 
 CopyOne = Callable[[_Item, Sink, Callable[[int], Any]], None]
 
 
-def _run(verb: str, tree: _Tree, dst_fs: Any, dst: str, copy_one: CopyOne, progress: bool, total: int | None) -> int:
+def _run(
+    verb: str, tree: _Tree, dst_fs: Any, dst: str, copy_one: CopyOne, progress: bool, total: int | None,
+    keep_going: bool = False,
+) -> int:
     """Copy every item of ``tree`` to ``dst`` with ``copy_one``: all outputs, or (on any error
-    or interrupt) none of this run's outputs; then one summary line on stderr."""
+    or interrupt) none of this run's outputs; then one summary line on stderr.
+
+    ``keep_going``: a file that fails is left out and the run goes on; the files that
+    succeeded are published (they stay), the failures are listed at the end and the exit
+    status is 1. Errors about keys or settings, and interrupts, still stop the run and
+    remove all of its outputs."""
     for rel, why in tree.skipped:
         _warn(f"skipped {rel}: {why}")
     out = _Outputs(dst_fs)
     join = os.path.join if out.local else posixpath.join
     failure = ""
+    failures: list[str] = []
     current = dst
     written = nbytes = 0
 
@@ -489,7 +628,18 @@ def _run(verb: str, tree: _Tree, dst_fs: Any, dst: str, copy_one: CopyOne, progr
                 for item in tree.items:
                     current = item.rel or item.src
                     target = join(dst, item.rel) if item.rel else dst
-                    copy_one(item, out.sink(target, item.mode, staged=tree.is_dir), count)
+                    mark = out.mark()
+                    try:
+                        copy_one(item, out.sink(target, item.mode, staged=tree.is_dir, times=item.times), count)
+                    except (KeyReferenceError, ConfigError):
+                        raise
+                    except (EncfsError, OSError) as e:
+                        if not keep_going:
+                            raise
+                        out.drop(mark)
+                        failures.append(cli_words(_one_line(EncfsError(f"{current}: {e}"))))
+                        _warn(f"{verb} failed: {failures[-1]} (going on: --keep-going)")
+                        continue
                     written += 1
             current = dst
             out.publish()
@@ -507,7 +657,14 @@ def _run(verb: str, tree: _Tree, dst_fs: Any, dst: str, copy_one: CopyOne, progr
             note = " (nothing written to the destination)"
         raise EncfsError(f"{verb} failed: {failure}{note}")
     skipped = f"; skipped {len(tree.skipped)} (see warnings)" if tree.skipped else ""
-    print(f"{verb}ed {written} file(s), {nbytes} bytes{skipped}", file=sys.stderr)
+    failed = f"; {len(failures)} FAILED" if failures else ""
+    print(f"{verb}ed {written} file(s), {nbytes} bytes{skipped}{failed}", file=sys.stderr)
+    if failures:
+        print(f"encfs: error: {verb} failed for {len(failures)} of {len(tree.items)} file(s) "
+              f"(--keep-going: the {written} that succeeded were written):", file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -539,12 +696,50 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+PROMPT_REF = "passphrase:prompt"
+
+
+def _prompt_new_passphrase(args: argparse.Namespace) -> None:
+    """A ``passphrase:prompt`` that encrypts is asked for twice (a typo would lock the data
+    away); the two must match, else nothing is written. The one passphrase then serves every
+    -k/-r that names it."""
+    if PROMPT_REF not in (args.key or []) + (args.recipient or []):
+        return
+    import getpass  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    from .keys.passphrase import Passphrase  # noqa: PLC0415
+    from .secret import SecretBytes  # noqa: PLC0415
+
+    first = bytearray(getpass.getpass("encfs passphrase: ").encode("utf-8"))
+    second = bytearray()
+    try:
+        if not first:
+            raise KeyReferenceError(f"{PROMPT_REF}: empty passphrase; nothing was written")
+        second += getpass.getpass("encfs passphrase (again): ").encode("utf-8")
+        if not hmac.compare_digest(bytes(first), bytes(second)):
+            raise KeyReferenceError(f"{PROMPT_REF}: the two passphrases differ; nothing was written")
+        key = Passphrase(SecretBytes.take(first), PROMPT_REF)
+    finally:
+        cleanse(first)
+        cleanse(second)
+    args.key = [key if r == PROMPT_REF else r for r in args.key or []]
+    args.recipient = [key if r == PROMPT_REF else r for r in args.recipient or []]
+
+
 def cmd_encrypt(args: argparse.Namespace) -> int:
-    if args.src != STDIO and encfs_hops(args.src)[1]:
-        raise EncfsError(
-            f"{args.src}: an encfs:: source reads as plaintext through encfs, and encrypt takes plaintext files; "
-            "name the plaintext, or use `encfs rewrap` to change who can read encrypted files"
-        )
+    sources = list(args.src)
+    multi = several_sources(sources)
+    for s in sources:
+        if s != STDIO and encfs_hops(s)[1]:
+            raise EncfsError(
+                f"{s}: an encfs:: source reads as plaintext through encfs, and encrypt takes plaintext files; "
+                "name the plaintext, or use `encfs rewrap` to change who can read encrypted files"
+            )
+    _prompt_new_passphrase(args)
+    if multi:
+        return _encrypt_several(args, sources)
+    args.src = sources[0]
     enc = EncFileSystem(key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
     if args.dst == STDIO:
         if sys.stdout.isatty():
@@ -567,23 +762,44 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     else:
         src_fs, src = url_to_fs(args.src, args.storage_options)
         tree = _scan(src_fs, src)
-        dst = _destination(dst_fs, dst, tree, src)
-        sizes = [i.size for i in tree.items]
-        total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+        dst = _destination(dst_fs, dst, tree, src, args.dst)
+        for item in tree.items:
+            item.fs, item.named = src_fs, not tree.is_dir
+        total = _total(tree)
+    return _run("encrypt", tree, dst_fs, dst, _encrypt_copier(enc), args.progress, total, args.keep_going)
+
+
+def _total(tree: _Tree) -> int | None:
+    sizes = [i.size for i in tree.items]
+    return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+
+
+def _encrypt_copier(enc: EncFileSystem) -> CopyOne:
+    """Encrypt one item of a run (stdin, or a file on the item's filesystem) into its sink.
+    A file found walking a tree or matching a glob is opened without following a symlink."""
 
     def copy_one(item: _Item, sink: Sink, progress: Callable[[int], Any]) -> None:
         if item.src == STDIO:
             _seal(sink, enc, sys.stdin.buffer, progress)
             return
         try:
-            r = _open_source(src_fs, item, nofollow=tree.is_dir)
+            r = _open_source(item.fs, item, nofollow=not item.named)
         except BaseException:
             sink.discard()
             raise
         with r:
             _seal(sink, enc, r, progress)
 
-    return _run("encrypt", tree, dst_fs, dst, copy_one, args.progress, total)
+    return copy_one
+
+
+def _encrypt_several(args: argparse.Namespace, sources: list[str]) -> int:
+    """``encfs encrypt SRC... DIR``: several sources or a glob into one directory."""
+    dst_fs, dst = url_to_fs(args.dst, args.storage_options) if args.dst != STDIO else (None, STDIO)
+    dst = _directory_destination(dst_fs, dst, args.dst)
+    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
+    tree = _gather(sources, args.storage_options)
+    return _run("encrypt", tree, dst_fs, dst, _encrypt_copier(enc), args.progress, _total(tree), args.keep_going)
 
 
 def _open_source(fs: Any, item: _Item, nofollow: bool = False) -> BinaryIO:
@@ -598,6 +814,10 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             f"{args.dst}: writing decrypted data through an encfs:: destination would encrypt it again; "
             "name a plain path, or use `encfs rewrap` to change who can read the files"
         )
+    sources = list(args.src)
+    if several_sources(sources):
+        return _decrypt_several(args, sources)
+    args.src = sources[0]
     with contextlib.ExitStack() as stack:
         src_arg = args.src
         if src_arg == STDIO:
@@ -618,21 +838,44 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             sys.stdout.buffer.flush()
             return 0
         dst_fs, dst = url_to_fs(args.dst, args.storage_options)
-        dst = _destination(dst_fs, dst, tree, src)
-        local = is_local(src_fs)
+        dst = _destination(dst_fs, dst, tree, src, args.dst)
+        for item in tree.items:
+            item.fs, item.named = src_fs, not tree.is_dir
+        copy_one = _decrypt_copier(args, {id(src_fs): enc})
+        return _run("decrypt", tree, dst_fs, dst, copy_one, args.progress, None, args.keep_going)
 
-        def copy_one(item: _Item, sink: Sink, progress: Callable[[int], Any]) -> None:
-            try:
-                if local and tree.is_dir and stat.S_ISLNK(os.lstat(item.src).st_mode):
-                    raise EncfsError(f"{item.src}: became a symlink while the tree was read; not followed")
-                r = enc.open(item.src, "rb")
-            except BaseException:
-                sink.discard()
-                raise
-            with r:
-                fill_atomically(sink, lambda k: copy_stream(r, k, progress))
 
-        return _run("decrypt", tree, dst_fs, dst, copy_one, args.progress, None)
+def _decrypt_copier(args: argparse.Namespace, encs: dict[int, EncFileSystem]) -> CopyOne:
+    """Decrypt one item of a run into its sink, through the encfs filesystem over the item's
+    own filesystem (``encs``, by id, made on first use). A file found walking a tree that has
+    become a symlink since is refused, not followed."""
+
+    def copy_one(item: _Item, sink: Sink, progress: Callable[[int], Any]) -> None:
+        try:
+            if is_local(item.fs) and not item.named and stat.S_ISLNK(os.lstat(item.src).st_mode):
+                raise EncfsError(f"{item.src}: became a symlink while the tree was read; not followed")
+            enc = encs.get(id(item.fs))
+            if enc is None:
+                enc = encs[id(item.fs)] = EncFileSystem(
+                    fs=item.fs, key=args.key or None, identities=args.identity or None,
+                    allow_plaintext=args.allow_plaintext, skip_instance_cache=True,
+                )
+            r = enc.open(item.src, "rb")
+        except BaseException:
+            sink.discard()
+            raise
+        with r:
+            fill_atomically(sink, lambda k: copy_stream(r, k, progress))
+
+    return copy_one
+
+
+def _decrypt_several(args: argparse.Namespace, sources: list[str]) -> int:
+    """``encfs decrypt SRC... DIR``: several sources or a glob into one directory."""
+    dst_fs, dst = url_to_fs(args.dst, args.storage_options) if args.dst != STDIO else (None, STDIO)
+    dst = _directory_destination(dst_fs, dst, args.dst)
+    tree = _gather(sources, args.storage_options)
+    return _run("decrypt", tree, dst_fs, dst, _decrypt_copier(args, {}), args.progress, None, args.keep_going)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -671,6 +914,33 @@ def _expand(fs: Any, path: str, arg: str, dirs: bool = True) -> list[str]:
         else:
             out.append(p)
     return out
+
+
+def walk_files(fs: Any, path: str, arg: str) -> list[str]:
+    """The files ``path`` names for ``inspect`` and ``rewrap``: itself, every file below it (a
+    directory or an object-store prefix), or the matches of a glob (directories among them
+    walked too). Walked as ``encrypt`` walks a tree: symlinks inside a tree or among glob
+    matches are skipped, never followed, and so are encfs temporaries (each one said on
+    stderr); a path named explicitly is taken as given."""
+    found, skipped, _ = _named(fs, path, arg)
+    for p, why in skipped:
+        _warn(f"skipped {p}: {why}")
+    out: list[str] = []
+    for p in found:
+        if is_local(fs) and not os.path.lexists(p):
+            raise EncfsError(f"{arg}: no such file or directory")
+        if fs.isdir(p):
+            tree = _scan(fs, p)
+            for rel, why in tree.skipped:
+                _warn(f"skipped {posixpath.join(p, rel)}: {why}")
+            out.extend(i.src for i in tree.items)
+        else:
+            out.append(p)
+    return out
+
+
+def _shown(fs: Any, path: str) -> str:
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _entry_line(e: dict, name: str) -> str:
@@ -789,10 +1059,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | None = None) -> dict:
+def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | None = None, fs: Any = None) -> dict:
     """Header facts of ``path``; with identities, also whether its header MAC and key
-    commitment verify (no chunk is read)."""
-    fs, p = url_to_fs(path, options)
+    commitment verify (no chunk is read). ``fs``: ``path`` is a path on it, not a URL."""
+    if fs is None:
+        fs, p = url_to_fs(path, options)
+    else:
+        p, path = path, _shown(fs, path)
     size = fs.size(p)
     target = Target(fs.open(p, "rb"))
     try:
@@ -825,18 +1098,23 @@ def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | N
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     keyring = _keyring(args) if (args.key or args.identity) else None
-    for path in args.paths:
-        info = inspect_file(path, keyring, args.storage_options)
-        if args.json:
-            print(json.dumps(info))
-            continue
-        for k, v in info.items():
-            if k == "recipients":
-                for r in v:
-                    print(f"  recipient: {r['type']}" + (f" {r['key_id']}" if r["key_id"] else ""))
-            else:
-                print(f"{k:>16}: {v}")
+    for arg in args.paths:
+        fs, path = url_to_fs(arg, args.storage_options)
+        for p in walk_files(fs, path, arg):
+            _print_inspect(inspect_file(p, keyring, fs=fs), args.json)
     return 0
+
+
+def _print_inspect(info: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info))
+        return
+    for k, v in info.items():
+        if k == "recipients":
+            for r in v:
+                print(f"  recipient: {r['type']}" + (f" {r['key_id']}" if r["key_id"] else ""))
+        else:
+            print(f"{k:>16}: {v}")
 
 
 def cmd_key_id(args: argparse.Namespace) -> int:
@@ -874,11 +1152,23 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     keyring = KeyRing(args.key or None, identities=args.identity or None)
     add = [load_reference(r) for r in key_refs(args.add, "--add")]
     remove = [_removal(r) for r in args.remove]
-    for path in args.paths:
-        fs, p = url_to_fs(path, args.storage_options)
-        res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place)
+    files = []
+    for arg in args.paths:
+        fs, path = url_to_fs(arg, args.storage_options)
+        files.extend((fs, p) for p in walk_files(fs, path, arg))
+    done = 0
+    for fs, p in files:
+        shown = _shown(fs, p)
+        try:
+            with naming(shown):
+                res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place)
+        except (KeyReferenceError, ConfigError, EncfsError, OSError) as e:
+            if not done:
+                raise
+            raise EncfsError(f"{_one_line(e)} (rewrap stopped here: {done} of {len(files)} file(s) before it were rewrapped)") from e
+        done += 1
         how = "in place" if res.in_place else "by rewriting the header into a new file"
-        print(f"{path}: +{res.added} -{res.removed} ({how}); now {res.header.labels()}", file=sys.stderr)
+        print(f"{shown}: +{res.added} -{res.removed} ({how}); now {res.header.labels()}", file=sys.stderr)
     return 0
 
 
@@ -993,16 +1283,30 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, parents=[common, storage], help=help_)
         keys(sp, recipient=name == "encrypt", identity=name == "decrypt")
         what_src, what_dst = ("plaintext", "ciphertext") if name == "encrypt" else ("ciphertext", "plaintext")
-        sp.add_argument("src", help=f"{what_src}: file, directory tree or fsspec URL; '-' for stdin (symlinks inside a tree are skipped, never followed)")
-        sp.add_argument("dst", help=f"{what_dst}: file, directory or fsspec URL; '-' for stdout ('./-' names a file '-')")
+        sp.add_argument(
+            "src", nargs="+", metavar="SRC",
+            help=f"{what_src}: file, directory tree, glob (quoted: 'raw/*.parquet') or fsspec URL; '-' for stdin "
+            "(symlinks inside a tree or among glob matches are skipped, never followed)",
+        )
+        sp.add_argument(
+            "dst", metavar="DST",
+            help=f"{what_dst}: file, directory or fsspec URL; '-' for stdout ('./-' names a file '-'). With several "
+            "sources or a glob, a directory: each file goes to DST/NAME, each directory to DST/NAME/...; "
+            "a trailing '/' always means a directory (created if missing)",
+        )
         sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        sp.add_argument(
+            "--keep-going", action="store_true",
+            help="on a failed file, go on with the others; the files that succeeded are written, the failures "
+            "are listed at the end and the exit status is 1 (default: stop and remove everything this run wrote)",
+        )
         if name == "decrypt":
             sp.add_argument("--allow-plaintext", action="store_true", help="pass through files that are not encfs files")
         sp.set_defaults(func=func)
 
     sp = sub.add_parser("inspect", parents=[common, storage], help="show header, recipients and sizes (no secrets)")
     keys(sp, identity=True)
-    sp.add_argument("paths", nargs="+")
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="files, directories (every file below), object-store prefixes, globs or fsspec URLs; symlinks in a tree are skipped")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_inspect)
 
@@ -1011,7 +1315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--add", action="append", default=[], help="reference of a recipient to add (repeatable)")
     sp.add_argument("--remove", action="append", default=[], help="recipient to remove: 'type:keyid', key id hex, or a key reference/file (repeatable)")
     sp.add_argument("--no-in-place", action="store_true", help="always rewrite to a new file and rename")
-    sp.add_argument("paths", nargs="+")
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="files, directories (every file below), object-store prefixes, globs or fsspec URLs; symlinks in a tree are skipped")
     sp.set_defaults(func=cmd_rewrap)
 
     sp = sub.add_parser("key", parents=[common], help="about keys: 'encfs key id FILE_OR_REFERENCE'")
