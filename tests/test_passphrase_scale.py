@@ -208,3 +208,24 @@ def test_a_forked_child_keeps_the_cache(tmp_path, runs):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_a_key_reference_is_loaded_once_by_threads_opening_files_together(tmp_path, monkeypatch):
+    """Found by CI: two threads loading the same reference at once made two Passphrase objects,
+    each with its own cache (two Argon2id runs). The key ring loads each reference once."""
+    from encfs.keys import refs
+
+    calls = []
+    real = refs.load_reference
+
+    def slow_load(ref):
+        calls.append(ref)
+        time.sleep(0.05)
+        return real(ref)
+
+    monkeypatch.setattr(refs, "load_reference", slow_load)
+    monkeypatch.setenv("PW", "pw")
+    ring = refs.KeyRing("passphrase:env:PW")
+    with ThreadPoolExecutor(8) as pool:
+        loaded = list(pool.map(lambda _: ring.identities()[0], range(8)))
+    assert len(calls) == 1 and all(k is loaded[0] for k in loaded)

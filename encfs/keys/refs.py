@@ -14,10 +14,12 @@ key files of any type with a key-file prefix; the others by their recipient type
 
 from __future__ import annotations
 
+import threading
 from typing import Iterable, Union
 
 from .. import env
 from ..errors import KeyReferenceError, NoMatchingKeyError
+from ..forking import ForkLocal
 from ..format import Header
 from ..secret import SecretBytes
 from . import registry
@@ -234,13 +236,15 @@ class KeyRing:
         self._recipients = _split(recipients) if recipients is not None else self._key
         self._identities = _split(identities) if identities is not None else self._key
         self._loaded: dict[str, KeyObject] = {}
+        self._loading: ForkLocal[threading.Lock] = ForkLocal(threading.Lock, initial=threading.Lock())
 
     def _load(self, item: str | KeyObject) -> KeyObject:
         if not isinstance(item, str):
             return item
-        if item not in self._loaded:
-            self._loaded[item] = load_reference(item)
-        return self._loaded[item]
+        with self._loading.get():  # threads opening files at once share one loaded key (and its caches)
+            if item not in self._loaded:
+                self._loaded[item] = load_reference(item)
+            return self._loaded[item]
 
     def recipients(self) -> list[Recipient]:
         out = [self._load(i) for i in self._recipients]
@@ -275,11 +279,12 @@ class KeyRing:
         )
 
     def wipe(self) -> None:
-        for k in self._loaded.values():
-            wipe_key = getattr(k, "wipe", None)
-            if wipe_key:
-                wipe_key()
-        self._loaded.clear()
+        with self._loading.get():
+            for k in self._loaded.values():
+                wipe_key = getattr(k, "wipe", None)
+                if wipe_key:
+                    wipe_key()
+            self._loaded.clear()
 
     def __repr__(self) -> str:
         return f"<KeyRing recipients={len(self._recipients)} identities={len(self._identities)}>"
