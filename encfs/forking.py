@@ -86,10 +86,10 @@ class ForkLocal(Generic[T]):
         return self._value if self._gen == _generation else None
 
 
-_shared_lock = threading.Lock()
+_shared_lock = threading.RLock()  # re-entrant: a finalizer run by GC inside a factory may get() too
 
 
 @after_fork_in_child
 def _renew_shared_lock() -> None:
     global _shared_lock
-    _shared_lock = threading.Lock()
+    _shared_lock = threading.RLock()

@@ -860,3 +860,19 @@ def test_closing_a_chunk_reader_waits_for_reads_in_progress(enc, keyref, backend
         for t in ts:
             t.join()
     assert not wrong, wrong[:3]
+
+
+def test_fork_local_factories_may_reenter():
+    """Found by CI (a hang): a ForkLocal factory made a filesystem, garbage collection ran
+    another filesystem's finalizer, which took a ForkLocal too, on the same thread."""
+    import threading
+
+    from encfs.forking import ForkLocal
+
+    inner = ForkLocal(lambda: 1)
+    outer = ForkLocal(lambda: inner.get() + 1)
+    result = []
+    t = threading.Thread(target=lambda: result.append(outer.get()), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert result == [2], "a factory that gets another ForkLocal must not deadlock"

@@ -236,7 +236,7 @@ class KeyRing:
         self._recipients = _split(recipients) if recipients is not None else self._key
         self._identities = _split(identities) if identities is not None else self._key
         self._loaded: dict[str, KeyObject] = {}
-        self._loading: ForkLocal[threading.Lock] = ForkLocal(threading.Lock, initial=threading.Lock())
+        self._loading: ForkLocal[threading.RLock] = ForkLocal(threading.RLock, initial=threading.RLock())
 
     def _load(self, item: str | KeyObject) -> KeyObject:
         if not isinstance(item, str):
