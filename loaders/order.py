@@ -306,6 +306,22 @@ class EpochOrder(_SamplerBase):  # type: ignore[misc,valid-type]
             )
 
 
+def checked_states(states: Sequence[dict[str, Any]], kind: str, version: int, shared: Sequence[str], what: str) -> list[dict[str, Any]]:
+    """``states`` (one per rank) as a list, each of ``kind`` and ``version``, all agreeing on
+    the ``shared`` keys (saved by one run at one point); ValueError otherwise."""
+    states = list(states)
+    if not states:
+        raise ValueError("no states given")
+    for s in states:
+        if s.get("kind") != kind or s.get("version") != version:
+            raise ValueError(f"not an encfs {what} state (kind {s.get('kind')!r}, version {s.get('version')!r})")
+    for s in states[1:]:
+        diff = [k for k in shared if s[k] != states[0][k]]
+        if diff:
+            raise ValueError(f"rank states disagree on {', '.join(diff)}: not saved by one run at one point")
+    return states
+
+
 def combine_states(states: dict[str, Any] | Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One global resume point from the ranks' states.
 
@@ -324,18 +340,8 @@ def combine_states(states: dict[str, Any] | Sequence[dict[str, Any]]) -> dict[st
         if states.get("kind") == GLOBAL_KIND:
             return dict(states)
         states = [states]
-    states = list(states)
-    if not states:
-        raise ValueError("no states given")
-    for s in states:
-        if s.get("kind") != RANK_KIND or s.get("version") != STATE_VERSION:
-            raise ValueError(f"not an encfs loader state (kind {s.get('kind')!r}, version {s.get('version')!r})")
+    states = checked_states(states, RANK_KIND, STATE_VERSION, ("epoch", "uneven", "world_size", "prefix", "extras", *_ORDER_KEYS), "loader")
     first = states[0]
-    shared = ("epoch", "uneven", "world_size", "prefix", "extras", *_ORDER_KEYS)
-    for s in states[1:]:
-        diff = [k for k in shared if s[k] != first[k]]
-        if diff:
-            raise ValueError(f"rank states disagree on {', '.join(diff)}: not saved by one run at one point")
     n, world, uneven = int(first["num_samples"]), int(first["world_size"]), str(first["uneven"])
     extras = np.asarray(first["extras"], dtype=np.int64)
     rest = _remaining(n, int(first["prefix"]), extras)

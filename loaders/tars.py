@@ -54,7 +54,7 @@ from typing import Any, BinaryIO
 
 from encfs.sink import is_local
 
-from .order import distributed_world, epoch_order
+from .order import checked_states, distributed_world, epoch_order
 from .shards import ShardSet
 
 try:  # an IterableDataset when torch is there, a plain iterable otherwise
@@ -309,17 +309,8 @@ class TarProgress:
 def combine_tar_states(states: dict[str, Any] | Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One resume state from every rank's ``TarProgress.state_dict()`` (each shard is read by
     one rank, so their shards are disjoint: the union). One state is returned as it is."""
-    states = [states] if isinstance(states, Mapping) else list(states)
-    if not states:
-        raise ValueError("no states given")
-    for s in states:
-        if s.get("kind") != STATE_KIND or s.get("version") != STATE_VERSION:
-            raise ValueError(f"not an encfs tar dataset state (kind {s.get('kind')!r}, version {s.get('version')!r})")
+    states = checked_states([states] if isinstance(states, Mapping) else states, STATE_KIND, STATE_VERSION, ("epoch", "seed", "shuffle", "shards"), "tar dataset")
     first = states[0]
-    for s in states[1:]:
-        diff = [k for k in ("epoch", "seed", "shuffle", "shards") if s[k] != first[k]]
-        if diff:
-            raise ValueError(f"states disagree on {', '.join(diff)}: not saved by one run at one point")
     done = sorted({int(k) for s in states for k in s["done"]})
     partial: dict[int, int] = {}
     for s in states:
