@@ -1070,12 +1070,12 @@ def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | N
     target = Target(fs.open(p, "rb"))
     try:
         with naming(path):
-            header, _ = read_header(target.read_at, size)
             if keyring is not None and keyring.identities():
-                open_header(target.read_at, size, keyring).keys.wipe()
-                verified = "header MAC and key commitment OK (chunks not read)"
+                opened = open_header(target.read_at, size, keyring)
+                opened.keys.wipe()
+                header, verified = opened.header, "header MAC and key commitment OK (chunks not read)"
             else:
-                verified = None
+                header, verified = read_header(target.read_at, size)[0], None
     finally:
         target.close()
     pt = fmt.plaintext_size(size, header.length)
