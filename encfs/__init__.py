@@ -5,12 +5,12 @@
         f.write(b"...")
 """
 
-from .errors import ConfigError, EncfsError, FileChangedError, FormatError, IntegrityError, KeyReferenceError, NoMatchingKeyError, TransactionError
+from .errors import ConfigError, EncfsError, FileChangedError, FormatError, HeaderFullError, IntegrityError, KeyReferenceError, NoMatchingKeyError, TransactionError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "EncFileSystem", "EncfsError", "FileChangedError", "FormatError", "IntegrityError", "KeyReferenceError",
+    "ConfigError", "EncFileSystem", "EncfsError", "FileChangedError", "FormatError", "HeaderFullError", "IntegrityError", "KeyReferenceError",
     "NoMatchingKeyError", "TransactionError", "__version__",
 ]
 

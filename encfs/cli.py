@@ -559,7 +559,7 @@ def _seal(sink: Sink, enc: EncFileSystem, src: BinaryIO, progress: Callable[[int
     except BaseException:
         sink.discard()
         raise
-    writer = PayloadWriter(sink, enc.keyring, enc.backend)
+    writer = PayloadWriter(sink, enc.keyring, enc.backend, header_length=enc.header_length)
     done = False
     try:
         copy_stream(plain, writer, progress)
@@ -740,7 +740,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     if multi:
         return _encrypt_several(args, sources)
     args.src = sources[0]
-    enc = EncFileSystem(key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
+    enc = EncFileSystem(key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True)
     if args.dst == STDIO:
         if sys.stdout.isatty():
             raise EncfsError("refusing to write ciphertext to a terminal: redirect stdout, or name an output file ('./-' for a file named '-')")
@@ -755,7 +755,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
             _seal(_StdoutSink(sys.stdout.buffer), enc, r, lambda n: None, args.src)
         return 0
     dst_fs, dst = url_to_fs(args.dst, args.storage_options)
-    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
+    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True)
     if args.src == STDIO:
         tree = _Tree([_Item(STDIO, "")])
         total = None
@@ -797,7 +797,7 @@ def _encrypt_several(args: argparse.Namespace, sources: list[str]) -> int:
     """``encfs encrypt SRC... DIR``: several sources or a glob into one directory."""
     dst_fs, dst = url_to_fs(args.dst, args.storage_options) if args.dst != STDIO else (None, STDIO)
     dst = _directory_destination(dst_fs, dst, args.dst)
-    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, skip_instance_cache=True)
+    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True)
     tree = _gather(sources, args.storage_options)
     return _run("encrypt", tree, dst_fs, dst, _encrypt_copier(enc), args.progress, _total(tree), args.keep_going)
 
@@ -1149,6 +1149,7 @@ def _removal(value: str) -> str:
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
+    header_length = None if args.header_length is None else fmt.check_header_length(args.header_length)
     keyring = KeyRing(args.key or None, identities=args.identity or None)
     add = [load_reference(r) for r in key_refs(args.add, "--add")]
     remove = [_removal(r) for r in args.remove]
@@ -1161,7 +1162,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         shown = _shown(fs, p)
         try:
             with naming(shown):
-                res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place)
+                res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place, header_length=header_length)
         except (KeyReferenceError, ConfigError, EncfsError, OSError) as e:
             if not done:
                 raise
@@ -1266,6 +1267,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-k", "--key", action="append", default=[], help="key reference for both directions (repeatable; default $ENCFS_KEY)")
         if recipient:
             sp.add_argument("-r", "--recipient", action="append", default=[], help="encrypt to this reference (repeatable)")
+            sp.add_argument(
+                "--header-length", type=int, default=fmt.STANDARD_HEADER, metavar="BYTES",
+                help="header length of the files written, a multiple of 512 (default %(default)s: about eight recipients; "
+                "readers that list these files should be given the same, see docs/FORMAT.md section 4)",
+            )
         if identity:
             sp.add_argument("-i", "--identity", action="append", default=[], help="decrypt with this reference (repeatable)")
 
@@ -1315,6 +1321,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--add", action="append", default=[], help="reference of a recipient to add (repeatable)")
     sp.add_argument("--remove", action="append", default=[], help="recipient to remove: 'type:keyid', key id hex, or a key reference/file (repeatable)")
     sp.add_argument("--no-in-place", action="store_true", help="always rewrite to a new file and rename")
+    sp.add_argument(
+        "--header-length", type=int, default=None, metavar="BYTES",
+        help="grow headers to this length (a multiple of 512) when the recipients do not fit the file's own; default: keep it",
+    )
     sp.add_argument("paths", nargs="+", metavar="PATH", help="files, directories (every file below), object-store prefixes, globs or fsspec URLs; symlinks in a tree are skipped")
     sp.set_defaults(func=cmd_rewrap)
 

@@ -38,6 +38,10 @@ class FormatError(EncfsError, ValueError):
     """The bytes are not a well-formed encfs file (bad magic, version, suite, field, size)."""
 
 
+class HeaderFullError(EncfsError, ValueError):
+    """The recipients do not fit the header length a writer was given (docs/FORMAT.md §4)."""
+
+
 class IntegrityError(EncfsError):
     """Authentication failed: a chunk, the commitment or the header MAC did not verify.
 

@@ -61,6 +61,16 @@ class EncFileSystem(ChainedFileSystem):
         ``"auto"`` (default), ``"native"`` or ``"python"``; see ``encfs.backend``.
     readahead:
         Chunks (16 KiB each) decrypted per window on sequential reads.
+    header_length:
+        Header length of the files this filesystem writes (default 1024, which holds about eight
+        recipients), and the length a listing assumes for files it does not probe.
+    list_sizes:
+        How ``ls``/``find``/``info`` learn plaintext sizes. ``"probe"``: read each file's first 32
+        bytes (exact for every file; one request per file on an object store). ``"assume"``: from
+        object sizes and ``header_length`` alone, checking one file per listing call and probing
+        the files whose size cannot be an encfs file of that header length; a file's true header
+        length is always read when it is opened. ``"auto"`` (default): ``probe`` on local disk or
+        with ``allow_plaintext``, ``assume`` elsewhere.
     """
 
     protocol = "encfs"
@@ -80,6 +90,8 @@ class EncFileSystem(ChainedFileSystem):
         allow_plaintext: bool = False,
         backend: str | None = None,
         readahead: int = DEFAULT_READAHEAD,
+        header_length: int = fmt.STANDARD_HEADER,
+        list_sizes: str = "auto",
         **kwargs: Any,
     ):
         kwargs.pop("fo", None)
@@ -92,6 +104,10 @@ class EncFileSystem(ChainedFileSystem):
         self.allow_plaintext = allow_plaintext
         self.backend_name = backend
         self.readahead = readahead
+        self.header_length = fmt.check_header_length(header_length)
+        if list_sizes not in LIST_SIZES:
+            raise ConfigError(f"list_sizes must be one of {', '.join(LIST_SIZES)}, not {list_sizes!r}")
+        self.probe_sizes = list_sizes == "probe" or (list_sizes == "auto" and (allow_plaintext or is_local(fs)))
         self._header_lengths: dict[tuple, int] = {}
         self._hl_lock = threading.Lock()
         self._strip_protocol = self._strip_target  # type: ignore[method-assign]
@@ -146,15 +162,7 @@ class EncFileSystem(ChainedFileSystem):
         """Entries with plaintext sizes. A file that cannot be sized keeps its ciphertext size
         and says why in ``encrypted`` ("invalid: ..."); it fails only when opened."""
         files = [e for e in entries if e.get("type") == "file" and not is_temp_name(e["name"])]
-        todo = [e for e in files if self._version(e) not in self._header_lengths and e["size"] >= fmt.FIXED_FIELDS_SIZE]
-        if len(todo) > 1:
-            prefixes = self.fs.cat_ranges([e["name"] for e in todo], [0] * len(todo), [fmt.FIXED_FIELDS_SIZE] * len(todo), on_error="return")
-            for e, p in zip(todo, prefixes):
-                if isinstance(p, bytes):
-                    try:
-                        self._remember(e, p)
-                    except (FormatError, OSError):
-                        pass
+        self._probe(self._to_probe(files))
         out = []
         for e in entries:
             if is_temp_name(e["name"]):
@@ -169,8 +177,44 @@ class EncFileSystem(ChainedFileSystem):
             out.append(e)
         return out
 
+    def _to_probe(self, files: list[dict]) -> list[dict]:
+        """The files whose header must be read to size them. When sizes are assumed, those are the
+        files no header length is known for whose size an encfs file of ``header_length`` cannot
+        have, plus one that could, to check the assumption; if it fails, all of them."""
+        todo = [e for e in files if self._version(e) not in self._header_lengths and e["size"] >= fmt.FIXED_FIELDS_SIZE]
+        if self.probe_sizes or not todo:
+            return todo
+        odd = [e for e in todo if not _fits(e["size"], self.header_length)]
+        shaped = [e for e in todo if _fits(e["size"], self.header_length)]
+        if not shaped:
+            return odd
+        self._probe(odd + shaped[:1])
+        if self._header_lengths.get(self._version(shaped[0])) == self.header_length:
+            return []
+        return shaped[1:]
+
+    def _probe(self, todo: list[dict]) -> None:
+        """Read the fixed fields of ``todo`` (one ranged read each, run together) and remember
+        their header lengths."""
+        if not todo:
+            return
+        prefixes = self.fs.cat_ranges([e["name"] for e in todo], [0] * len(todo), [fmt.FIXED_FIELDS_SIZE] * len(todo), on_error="return")
+        for e, p in zip(todo, prefixes):
+            if isinstance(p, bytes):
+                try:
+                    self._remember(e, p)
+                except (FormatError, OSError):
+                    pass
+
     def _plain_size(self, entry: dict) -> tuple[int, bool]:
-        hl = self._header_length(entry)
+        """Plaintext size and whether the file is encrypted, from a known header length, else (when
+        sizes are assumed) ``header_length``, else one read of the header's fixed fields."""
+        with self._hl_lock:
+            hl = self._header_lengths.get(self._version(entry))
+        if hl is None and not self.probe_sizes and _fits(entry["size"], self.header_length):
+            hl = self.header_length
+        if hl is None:
+            hl = self._header_length(entry)
         if hl is None:
             return entry["size"], False
         return fmt.plaintext_size(entry["size"], hl), True
@@ -180,6 +224,13 @@ class EncFileSystem(ChainedFileSystem):
         entries = self.fs.ls(self._strip_target(path), detail=True, **kwargs)
         entries = self._plain_entries(entries)
         return entries if detail else [e["name"] for e in entries]
+
+    def find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False, **kwargs: Any):
+        """The target's own ``find`` (one listing request per page on object stores, however many
+        directories), with plaintext sizes."""
+        found = self.fs.find(self._strip_target(path), maxdepth=maxdepth, withdirs=withdirs, detail=True, **kwargs)
+        entries = self._plain_entries(list(found.values()))
+        return {e["name"]: e for e in entries} if detail else [e["name"] for e in entries]
 
     def info(self, path: str, **kwargs: Any) -> dict:
         return self._plain_entries([self.fs.info(self._strip_target(path), **kwargs)])[0]
@@ -288,7 +339,7 @@ class EncFileSystem(ChainedFileSystem):
         if mode in ("wb", "xb"):
             with naming(path):
                 sink = open_sink(self.fs, path, block_size, exclusive=mode == "xb")
-                return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend), mode, autocommit=autocommit)
+                return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend, header_length=self.header_length), mode, autocommit=autocommit)
         if "a" in mode:
             raise NotImplementedError(
                 "append is not supported: re-sealing the final chunk would reuse its nonce; rewrite the file instead"
@@ -359,7 +410,11 @@ class EncFileSystem(ChainedFileSystem):
             pass
 
 
-ENCFS_OPTIONS = ("target_protocol", "target_options", "fs", "key", "recipients", "identities", "allow_plaintext", "backend", "readahead")
+ENCFS_OPTIONS = (
+    "target_protocol", "target_options", "fs", "key", "recipients", "identities", "allow_plaintext", "backend", "readahead",
+    "header_length", "list_sizes",
+)
+LIST_SIZES = ("auto", "probe", "assume")
 FSSPEC_OPTIONS = ("skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop")
 
 
@@ -423,6 +478,15 @@ def _is_key_reference(text: str) -> bool:
     schemes = set(registry.schemes())
     items = [t.strip() for t in text.split(",") if t.strip()]
     return bool(items) and all(t.partition(":")[0] in schemes for t in items)
+
+
+def _fits(ciphertext_size: int, header_length: int) -> bool:
+    """Whether an encfs file with this header length can have this size."""
+    try:
+        fmt.plaintext_size(ciphertext_size, header_length)
+    except FormatError:
+        return False
+    return True
 
 
 def _starts_with_magic(raw: Any, ct_size: int) -> bool:

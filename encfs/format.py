@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import cobblestone
-from .errors import FormatError, IntegrityError
+from .errors import ConfigError, FormatError, HeaderFullError, IntegrityError
 from .kdf import derive_secret
 from .secret import SecretBytes
 
@@ -47,7 +47,9 @@ MAX_KEY_ID = 64
 MAX_PARAMS = 1024
 MAX_BODY = 1024
 HEADER_ALIGN = 512
-HEADER_RESERVE = 512
+STANDARD_HEADER = 1024
+"""The header length writers use unless told otherwise (docs/FORMAT.md §4): one length for every
+file lets a listing give plaintext sizes from object sizes alone, without reading headers."""
 _TYPE_RE = re.compile(rb"^[a-z0-9][a-z0-9-]*\Z")
 _MAC_INFO = b"encfs/v1 header-mac"
 
@@ -123,8 +125,15 @@ def _check_stanza_fields(t: bytes, key_id: bytes, params: bytes, body: bytes) ->
         raise FormatError(f"stanza body must be 1..{MAX_BODY} bytes")
 
 
-def seal(header: Header, file_key: SecretBytes, length: int | None = None) -> bytes:
-    """Encode and MAC ``header``; pad to ``length`` (or the default reserve). Sets header.length."""
+def check_header_length(length: int) -> int:
+    """A header length a writer may be given: a multiple of 512 from 1024 to 1 MiB."""
+    if isinstance(length, bool) or not isinstance(length, int) or length % HEADER_ALIGN or not STANDARD_HEADER <= length <= MAX_HEADER:
+        raise ConfigError(f"header_length must be a multiple of {HEADER_ALIGN} from {STANDARD_HEADER} to {MAX_HEADER}, not {length!r}")
+    return length
+
+
+def seal(header: Header, file_key: SecretBytes, length: int = STANDARD_HEADER) -> bytes:
+    """Encode and MAC ``header``, padded to ``length``. Sets header.length."""
     if not 1 <= len(header.stanzas) <= MAX_STANZAS:
         raise FormatError(f"a header holds 1..{MAX_STANZAS} stanzas")
     from .keys.registry import check_per_header  # imported here: the key types import this module
@@ -132,10 +141,13 @@ def seal(header: Header, file_key: SecretBytes, length: int | None = None) -> by
     check_per_header(s.type for s in header.stanzas)
     body = struct.pack(">H", len(header.stanzas)) + b"".join(s.encode() for s in header.stanzas)
     needed = FIXED_FIELDS_SIZE + len(body) + MAC_SIZE
-    if length is None:
-        length = -(-(needed + HEADER_RESERVE) // HEADER_ALIGN) * HEADER_ALIGN
     if length < needed:
-        raise FormatError(f"header needs {needed} bytes, only {length} reserved")
+        fits = max(STANDARD_HEADER, -(-needed // HEADER_ALIGN) * HEADER_ALIGN)
+        raise HeaderFullError(
+            f"{len(header.stanzas)} recipient stanzas need a {needed}-byte header; this one is {length} bytes. "
+            f"Pass header_length={fits} (or more) to the writing filesystem, and the same to filesystems that "
+            "list these files, so that listed sizes stay exact (docs/FORMAT.md §4)"
+        )
     if length > MAX_HEADER:
         raise FormatError(f"header of {length} bytes exceeds the {MAX_HEADER}-byte limit")
     signed = header.context + struct.pack(">I", length) + body

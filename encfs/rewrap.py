@@ -2,7 +2,7 @@
 
 The file key, file id and payload stay as they are; only the stanzas and the header MAC
 change. On local disk the file is opened once and locked (``flock``) for the whole
-operation; when the new header fits the reserved header length it is written in place (one
+operation; when the new header fits the file's header length it is written in place (one
 ``pwrite`` at offset 0, then ``fsync``), otherwise the file is rewritten as new header + the
 same payload bytes to a temporary file and renamed over the original. On other filesystems
 the rewrite always goes through an atomic sink, reading header and payload from one handle.
@@ -34,8 +34,12 @@ class RewrapResult:
     added: list[str]
 
 
-def _reheader(header: fmt.Header, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str]) -> tuple[bytes, RewrapResult]:
-    """The new header bytes (in the old length when they fit) and what changed."""
+def _reheader(
+    header: fmt.Header, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str], header_length: int | None
+) -> tuple[bytes, RewrapResult]:
+    """The new header bytes and what changed. The header keeps its length (so the file keeps the
+    length listings assume) unless a larger ``header_length`` is asked for; stanzas that do not
+    fit are a ``HeaderFullError``."""
     file_key = unlock(header, keyring)
     try:
         keep, removed = [], []
@@ -48,10 +52,7 @@ def _reheader(header: fmt.Header, keyring: KeyRing, add: Sequence[Recipient], re
         if not keep + new:
             raise EncfsError("refusing to remove every recipient: nobody could open the file")
         out = fmt.Header(header.file_id, keep + new)
-        try:
-            head = fmt.seal(out, file_key, length=header.length)
-        except fmt.FormatError:
-            head = fmt.seal(out, file_key)
+        head = fmt.seal(out, file_key, max(header.length, header_length or 0))
     finally:
         file_key.wipe()
     return head, RewrapResult(out, out.length == header.length, [s.label for s in removed], [s.label for s in new])
@@ -78,7 +79,9 @@ def _write_header_in_place(path: str, ino: int, head: bytes) -> bool:
     return True
 
 
-def _rewrap_local(path: str, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str], in_place: bool) -> RewrapResult:
+def _rewrap_local(
+    path: str, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str], in_place: bool, header_length: int | None
+) -> RewrapResult:
     target = Target(open(path, "rb"))
     try:
         fd = target.fd
@@ -86,7 +89,7 @@ def _rewrap_local(path: str, keyring: KeyRing, add: Sequence[Recipient], remove:
         fcntl.flock(fd, fcntl.LOCK_EX)
         st = os.fstat(fd)
         header, _ = read_header(target.read_at, st.st_size)
-        head, res = _reheader(header, keyring, add, remove)
+        head, res = _reheader(header, keyring, add, remove, header_length)
         if in_place and res.in_place and _write_header_in_place(path, st.st_ino, head):
             return res
 
@@ -110,17 +113,19 @@ def rewrap(
     add: Sequence[Recipient] = (),
     remove: Sequence[str] = (),
     in_place: bool = True,
+    header_length: int | None = None,
 ) -> RewrapResult:
-    """Add recipients and/or remove stanzas (by label ``type:keyidhex`` or key id hex)."""
+    """Add recipients and/or remove stanzas (by label ``type:keyidhex`` or key id hex).
+    ``header_length``: grow the header to this length (a rewrite) when the stanzas need it."""
     with naming(path):
         if is_local(fs):
-            return _rewrap_local(fs._strip_protocol(path), keyring, add, remove, in_place)
+            return _rewrap_local(fs._strip_protocol(path), keyring, add, remove, in_place, header_length)
         raw = fs.open(path, "rb")
         target = Target(raw)
         try:
             size = raw.seek(0, os.SEEK_END)
             header, _ = read_header(target.read_at, size)
-            head, res = _reheader(header, keyring, add, remove)
+            head, res = _reheader(header, keyring, add, remove, header_length)
 
             def fill(sink: Sink) -> None:
                 sink.write(head)

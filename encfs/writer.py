@@ -33,7 +33,14 @@ OPEN, SEALED, COMMITTED, DISCARDED, FAILED = "open", "sealed", "committed", "dis
 
 
 class PayloadWriter:
-    def __init__(self, sink: Sink, keyring: KeyRing, backend: CipherBackend | None = None, block_chunks: int = DEFAULT_BLOCK_CHUNKS):
+    def __init__(
+        self,
+        sink: Sink,
+        keyring: KeyRing,
+        backend: CipherBackend | None = None,
+        block_chunks: int = DEFAULT_BLOCK_CHUNKS,
+        header_length: int = fmt.STANDARD_HEADER,
+    ):
         self._sink = sink
         self._index = 0
         self._block = block_chunks * cs.CHUNK_SIZE
@@ -48,7 +55,7 @@ class PayloadWriter:
             try:
                 header = fmt.Header(fmt.new_file_id(), [])
                 header.stanzas = [r.wrap(file_key, header.context) for r in keyring.recipients()]
-                head = fmt.seal(header, file_key)
+                head = fmt.seal(header, file_key, header_length)
                 salt = os.urandom(cs.SALT_SIZE)
                 self._keys = cs.derive(file_key.view(), salt, header.context)
             finally:

@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from encfs.errors import HeaderFullError
+
 
 def run(*args, input=None, env=None, check=True):
     res = subprocess.run([sys.executable, "-m", "encfs.cli", *args], capture_output=True, input=input, env={**os.environ, **(env or {})}, timeout=120)
@@ -76,7 +80,7 @@ def test_rewrap_add_then_remove(tmp_path):
     assert res.returncode == 1 and b"refusing" in res.stderr
 
 
-def test_rewrap_grows_header_when_full(tmp_path):
+def test_rewrap_keeps_the_header_length_and_grows_it_only_when_asked(tmp_path):
     from encfs.filesystem import EncFileSystem
     from encfs.keys import KeyRing, X25519Identity
     from encfs.rewrap import rewrap
@@ -87,8 +91,12 @@ def test_rewrap_grows_header_when_full(tmp_path):
     data = os.urandom(33_000)
     EncFileSystem(key=a, skip_instance_cache=True).pipe_file(str(tmp_path / "c"), data)
     added = [X25519Identity.generate() for _ in range(12)]
-    res = rewrap(LocalFileSystem(), str(tmp_path / "c"), KeyRing(a), add=[i.recipient for i in added])
-    assert not res.in_place and res.header.length > 1024
+    before = (tmp_path / "c").read_bytes()
+    with pytest.raises(HeaderFullError, match="header_length=1536"):
+        rewrap(LocalFileSystem(), str(tmp_path / "c"), KeyRing(a), add=[i.recipient for i in added])
+    assert (tmp_path / "c").read_bytes() == before
+    res = rewrap(LocalFileSystem(), str(tmp_path / "c"), KeyRing(a), add=[i.recipient for i in added], header_length=2048)
+    assert not res.in_place and res.header.length == 2048
     for ident in (added[0], added[-1]):
         assert EncFileSystem(key=[ident], skip_instance_cache=True).cat_file(str(tmp_path / "c")) == data
 

@@ -240,9 +240,9 @@ def test_readers_during_rewrap(enc, keyref):
                 counts["ok"] += 1
 
     def rewrapper() -> None:
-        for _ in range(14):  # 112-byte x25519 stanzas: about 7 fit the 1024-byte header, then renames
+        for _ in range(14):  # 112-byte x25519 stanzas: about 7 fit the 1024-byte header, then one grows it
             ident = X25519Identity.generate()
-            rewrap(fs.fs, path, keyring, add=[ident.recipient])
+            rewrap(fs.fs, path, keyring, add=[ident.recipient], header_length=2048)
             added.append(ident)
 
     def body(i: int) -> None:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from encfs import format as fmt
-from encfs.errors import FormatError, IntegrityError
+from encfs.errors import FormatError, HeaderFullError, IntegrityError
 from encfs.keys import new_file_key
 
 stanzas = st.builds(
@@ -25,9 +25,13 @@ stanzas = st.builds(
 def test_seal_parse_roundtrip(ss):
     key = new_file_key()
     h = fmt.Header(fmt.new_file_id(), ss)
-    raw = fmt.seal(h, key)
-    assert len(raw) == h.length and h.length % fmt.HEADER_ALIGN == 0
-    assert h.length - len(h.signed) - fmt.MAC_SIZE >= fmt.HEADER_RESERVE
+    needed = fmt.FIXED_FIELDS_SIZE + 2 + sum(len(s.encode()) for s in ss) + fmt.MAC_SIZE
+    if needed > fmt.STANDARD_HEADER:
+        with pytest.raises(HeaderFullError, match=f"need a {needed}-byte header"):
+            fmt.seal(h, key)
+    length = max(fmt.STANDARD_HEADER, -(-needed // fmt.HEADER_ALIGN) * fmt.HEADER_ALIGN)
+    raw = fmt.seal(h, key, length)
+    assert len(raw) == h.length == length and raw[needed:] == bytes(length - needed)
     got = fmt.parse(raw + b"payload follows")
     assert got.stanzas == ss and got.file_id == h.file_id and got.length == h.length
     fmt.verify(got, key)
@@ -89,7 +93,8 @@ def test_header_longer_than_the_file():
 def test_reserve_and_explicit_length():
     key = new_file_key()
     h = fmt.Header(fmt.new_file_id(), [fmt.Stanza("key", b"", b"", b"x")])
-    with pytest.raises(FormatError, match="reserved"):
+    assert len(fmt.seal(h, key)) == fmt.STANDARD_HEADER
+    with pytest.raises(HeaderFullError, match="header_length=1024"):
         fmt.seal(h, key, length=40)
     assert len(fmt.seal(h, key, length=4096)) == 4096
     with pytest.raises(FormatError, match="at most|exceeds"):
