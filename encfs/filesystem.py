@@ -26,9 +26,12 @@ from .copying import copy_stream
 from .env import default_key
 from .errors import ConfigError, FormatError, naming, with_path
 from .file import DEFAULT_READAHEAD, EncryptedReader
+from .hf import warn_if_datasets_download
 from .keys import KeyRing
 from .keys.refs import KeySpec
+from .header import FIRST_READ
 from .reader import ChunkReader
+from .remote import PieceCache, RemoteObject, io_pool, run_all
 from .sink import LocalSink, fill_atomically, is_local, is_temp_name, open_sink
 from .transaction import EncTransaction
 from .writer import EncryptedTextWriter, EncryptedWriter, PayloadWriter
@@ -109,6 +112,7 @@ class EncFileSystem(ChainedFileSystem):
             raise ConfigError(f"list_sizes must be one of {', '.join(LIST_SIZES)}, not {list_sizes!r}")
         self.probe_sizes = list_sizes == "probe" or (list_sizes == "auto" and (allow_plaintext or is_local(fs)))
         self._header_lengths: dict[tuple, int] = {}
+        self._heads = PieceCache()
         self._hl_lock = threading.Lock()
         self._strip_protocol = self._strip_target  # type: ignore[method-assign]
 
@@ -133,6 +137,12 @@ class EncFileSystem(ChainedFileSystem):
         return get_backend(self.backend_name)
 
     # -- sizes ---------------------------------------------------------------------------
+    @classmethod
+    def _stamped_version(cls, entry: dict) -> tuple | None:
+        """``_version`` where the backend stamps versions (an ETag, a modification time), else None."""
+        version = cls._version(entry)
+        return None if version[2] == "None" else version
+
     @staticmethod
     def _version(entry: dict) -> tuple:
         """What identifies one version of a file: name, size and whatever stamp the backend gives."""
@@ -287,6 +297,7 @@ class EncFileSystem(ChainedFileSystem):
         self.fs.invalidate_cache(path)
         with self._hl_lock:
             self._header_lengths.clear()
+        self._heads.clear()
 
     # -- files ---------------------------------------------------------------------------
     def open_reader(self, path: str, ct_size: int | None = None) -> ChunkReader | io.IOBase:
@@ -294,16 +305,29 @@ class EncFileSystem(ChainedFileSystem):
         return self._reader(self._strip_target(path), ct_size)
 
     def _reader(self, path: str, ct_size: int | None) -> ChunkReader | io.IOBase:
-        def reopen() -> Any:
-            return self.fs.open(path, "rb") if is_local(self.fs) else self.fs.open(path, "rb", cache_type="none")
+        """A local file is read through one descriptor; anything else by ranged requests
+        (``remote.RemoteObject``), reusing what the last open of the same version read."""
+        if is_local(self.fs):
+            return self._open_chunks(self.fs.open(path, "rb"), path, ct_size, lambda: self.fs.open(path, "rb"))
+        version, etag = None, None
+        if ct_size is None:
+            entry = self.fs.info(path)
+            if entry.get("type") == "directory":
+                raise FileNotFoundError(f"{path} is a directory")
+            ct_size, version, etag = entry["size"], self._stamped_version(entry), entry.get("ETag")
+        obj = RemoteObject(self.fs, path, ct_size, self._heads.get(version), etag)
+        reader = self._open_chunks(obj, path, ct_size, None)
+        if version is not None and isinstance(reader, ChunkReader):
+            self._heads.put(version, obj.pieces)
+        return reader
 
-        raw = reopen()
+    def _open_chunks(self, raw: Any, path: str, ct_size: int | None, reopen: Any) -> ChunkReader | io.IOBase:
         try:
             if ct_size is None:
                 ct_size = raw.seek(0, io.SEEK_END)
                 raw.seek(0)
             if self.allow_plaintext and not _starts_with_magic(raw, ct_size):
-                return raw
+                return raw if not isinstance(raw, RemoteObject) else self.fs.open(path, "rb")
             try:
                 return ChunkReader(raw, ct_size, self.keyring, self.backend, name=path, reopen=reopen)
             except FormatError as e:
@@ -361,16 +385,22 @@ class EncFileSystem(ChainedFileSystem):
         by_path: dict[str, list[int]] = {}
         for i, p in enumerate(paths):
             by_path.setdefault(p, []).append(i)
-        for p, idx in by_path.items():
+
+
+        def one_file(p: str, idx: list[int]) -> None:
             try:
                 with self.open(p, "rb") as f:
                     for i in idx:
                         out[i] = _read_range(f, starts[i], ends[i])
             except Exception as e:
-                if on_error == "raise":
-                    raise
                 for i in idx:
                     out[i] = e
+
+        run_all([lambda p=p, idx=idx: one_file(p, idx) for p, idx in by_path.items()], on=None if is_local(self.fs) else io_pool())
+        if on_error == "raise":
+            for r in out:
+                if isinstance(r, Exception):
+                    raise r
         return out
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
@@ -388,7 +418,11 @@ class EncFileSystem(ChainedFileSystem):
                 copy_stream(src, dst, callback.relative_update)
 
     def get_file(self, rpath: str, lpath: str, callback=DEFAULT_CALLBACK, outfile: Any = None, **kwargs: Any) -> None:
-        """Decrypt ``rpath`` to local ``lpath``, atomically (never a partial plaintext file)."""
+        """Decrypt ``rpath`` to local ``lpath``, atomically (never a partial plaintext file).
+        A copy made for Hugging Face ``datasets`` (``load_dataset`` without ``streaming=True``,
+        ``load_from_disk``) warns with ``encfs.hf.PlaintextCacheWarning``."""
+        if outfile is None:
+            warn_if_datasets_download(lpath)
         if self.isdir(rpath):
             os.makedirs(lpath, exist_ok=True)
             return
@@ -491,6 +525,8 @@ def _fits(ciphertext_size: int, header_length: int) -> bool:
 
 def _starts_with_magic(raw: Any, ct_size: int) -> bool:
     """Whether the target file starts with the encfs magic (the position is left at 0)."""
+    if isinstance(raw, RemoteObject):
+        return ct_size >= len(fmt.MAGIC) and raw.read_at(0, min(ct_size, FIRST_READ))[: len(fmt.MAGIC)] == fmt.MAGIC
     raw.seek(0)
     head = raw.read(len(fmt.MAGIC)) if ct_size else b""
     raw.seek(0)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections import deque
+from concurrent.futures import Future, wait
 from typing import BinaryIO, Callable
 
 from . import cobblestone as cs
@@ -25,14 +26,18 @@ from .errors import IntegrityError, naming
 from .forking import ForkLocal
 from .header import open_header
 from .keys import KeyRing
+from .remote import RemoteObject, in_io_thread, io_pool, part_size, parts, run_all
 from .securemem import cleanse
 from .target import Target
+
+DEFAULT_AHEAD_BYTES = 64 << 20
+"""Ciphertext a remote stream may have in flight ahead of its reads (16 windows of 4 MiB)."""
 
 
 class ChunkReader:
     def __init__(
         self,
-        raw: BinaryIO,
+        raw: BinaryIO | RemoteObject,
         ciphertext_size: int,
         keyring: KeyRing,
         backend: CipherBackend | None = None,
@@ -42,7 +47,7 @@ class ChunkReader:
         self.name = name
         self._usage: ForkLocal[_Usage] = ForkLocal(_Usage)
         self._closed = False
-        self._target = Target(raw, reopen)
+        self._target = raw if isinstance(raw, RemoteObject) else Target(raw, reopen)
         self.ciphertext_size = ciphertext_size
         backend = backend or get_backend()
         with naming(name):
@@ -106,7 +111,41 @@ class ChunkReader:
                 fd = self._target.fd
                 assert fd is not None
                 return self._cipher.pread_decrypt_into(fd, offset, first, ct_len, out)
+            if ahead is None and self.remote and ct_len > part_size():
+                return self._fetch_and_open(first, count, out)
             return self._cipher.decrypt_into(first, self._fetch(first, count, ahead, sequential), out)
+
+    @property
+    def remote(self) -> bool:
+        """True when reads are ranged requests to an object store (``remote.RemoteObject``)."""
+        return isinstance(self._target, RemoteObject)
+
+    def _parts(self, first: int, count: int) -> list[tuple[int, int]]:
+        """(first chunk, count) of the parts a span is fetched in, concurrently."""
+        per = max(1, part_size() // cs.CT_CHUNK_SIZE)
+        return [(first + i, min(per, count - i)) for i in range(0, count, per)]
+
+    def _fetch_and_open(self, first: int, count: int, out: memoryview) -> int:
+        """A long span of a remote file: its parts fetched concurrently, each opened into its
+        slice of ``out`` as it lands. Every part has finished before this returns; from the
+        first part that failed (in file order) on, ``out`` is zeroed."""
+
+        def part(pfirst: int, pcount: int) -> int:
+            ct = self.fetch_into(pfirst, pcount, bytearray(self.span(pfirst, pcount)[0]))
+            pt_off = (pfirst - first) * cs.CHUNK_SIZE
+            return self._cipher.decrypt_into(pfirst, ct, out[pt_off : pt_off + self.span(pfirst, pcount)[1]])
+
+        plan = self._parts(first, count)
+        try:
+            return sum(run_all([lambda pf=pf, pc=pc: part(pf, pc) for pf, pc in plan]))
+        except IntegrityError as e:
+            verified = (e.chunk_index - first) * cs.CHUNK_SIZE if e.chunk_index is not None else 0
+            cleanse(out[verified:])
+            e.verified_bytes = verified
+            raise
+        except BaseException:
+            cleanse(out)
+            raise
 
     @contextlib.contextmanager
     def _in_use(self) -> Iterator[None]:
@@ -130,18 +169,20 @@ class ChunkReader:
             return self.fetch_into(first, count, bytearray(self.span(first, count)[0]))
         ct = ahead.take(first, count)
         if ct is None:
-            ct = self.fetch_into(first, count, ahead.buffer(0, count * cs.CT_CHUNK_SIZE))
-        nxt = min(count, self.chunks - first - count)
-        if sequential and nxt > 0 and not self.local:
-            spare = ahead.buffer(1 if ct.obj is ahead.buffers[0] else 0, nxt * cs.CT_CHUNK_SIZE)
-            ahead.start(first + count, nxt, lambda: self.fetch_into(first + count, nxt, spare))
+            ct = self.fetch_into(first, count, ahead.scratch(count * cs.CT_CHUNK_SIZE))
+        if sequential and self.remote and not in_io_thread():
+            ahead.extend(first + count, count, self.chunks, self.fetch_into)
         return ct
 
     def fetch_into(self, first: int, count: int, buf: bytearray) -> memoryview:
-        """The ciphertext of chunks ``first..+count``, read into ``buf``."""
+        """The ciphertext of chunks ``first..+count``, read into ``buf`` (in concurrent parts
+        on a remote target when it is long)."""
         offset, ct_len = self._ct_range(first, count)
         view = memoryview(buf)[:ct_len]
-        self._target.read_into(offset, view)
+        if self.remote and ct_len > part_size():
+            run_all([lambda o=o, n=n: self._target.read_into(o, view[o - offset : o - offset + n]) for o, n in parts(offset, ct_len, part_size())])
+        else:
+            self._target.read_into(offset, view)
         return view
 
     def close(self) -> None:
@@ -163,46 +204,83 @@ class _Usage:
 
 
 class ReadAhead:
-    """A stream's ciphertext buffers and at most one background fetch (one thread, made on
-    the first remote sequential read): one buffer is decrypted while the other fills. Used by
-    one thread at a time (a file object's, under its lock)."""
+    """A stream's ciphertext buffers and, on remote targets, the spans fetched ahead of it.
 
-    def __init__(self) -> None:
-        self.buffers: list[bytearray] = []
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[int, int, Future[memoryview]] | None = None
+    While reads stay sequential the spans that follow are fetched in the background, one at
+    first and twice as many after each sequential read, up to ``max_bytes`` of ciphertext in
+    flight; a read anywhere else drops them (waiting for any still landing in a buffer) and
+    starts over at one. Used by one thread at a time (a file object's, under its lock)."""
 
-    def buffer(self, i: int, nbytes: int) -> bytearray:
-        while len(self.buffers) <= i:
-            self.buffers.append(bytearray())
-        if len(self.buffers[i]) < nbytes:
-            self.buffers[i] = bytearray(nbytes)
-        return self.buffers[i]
+    def __init__(self, max_bytes: int = DEFAULT_AHEAD_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.depth = 1
+        self._scratch = bytearray()
+        self._spans: deque[tuple[int, int, bytearray, Future[memoryview]]] = deque()
+        self._taken: bytearray | None = None
+        self._free: list[bytearray] = []
+        self.started = False
 
-    def start(self, first: int, count: int, fetch: Callable[[], memoryview]) -> None:
-        self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="encfs-readahead")
-        self._pending = (first, count, self._pool.submit(fetch))
+    @property
+    def buffers(self) -> list[bytearray]:
+        """Every ciphertext buffer this stream holds."""
+        held = [self._scratch, *self._free, *(s[2] for s in self._spans)]
+        return held + ([self._taken] if self._taken is not None else [])
 
     @property
     def pending(self) -> tuple[int, int] | None:
-        return self._pending[:2] if self._pending else None
+        """(first chunk, count) of the next span fetched ahead, if any."""
+        return self._spans[0][:2] if self._spans else None
 
-    @property
-    def started(self) -> bool:
-        return self._pool is not None
+    def scratch(self, nbytes: int) -> bytearray:
+        """The buffer of a fetch made now (reused while big enough)."""
+        if len(self._scratch) < nbytes:
+            self._scratch = bytearray(nbytes)
+        return self._scratch
 
     def take(self, first: int, count: int) -> memoryview | None:
-        """The fetched span if it is the one asked for; else drop what is pending."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        if pending[:2] == (first, count):
-            return pending[2].result()
-        if not pending[2].cancel():
-            wait([pending[2]])
+        """The span fetched ahead if it is the one asked for; else drop every span ahead."""
+        self._recycle()
+        if self._spans and self._spans[0][:2] == (first, count):
+            _, _, buf, fut = self._spans.popleft()
+            self._taken = buf
+            return fut.result()
+        self.drop()
         return None
 
+    def extend(self, first: int, count: int, end: int, fetch: Callable[[int, int, bytearray], memoryview]) -> None:
+        """Fetch spans of ``count`` chunks from chunk ``first`` on (never past chunk ``end``)
+        until ``depth`` are in flight, then double ``depth`` within ``max_bytes``."""
+        self.started = True
+        span_bytes = count * cs.CT_CHUNK_SIZE
+        nxt = self._spans[-1][0] + self._spans[-1][1] if self._spans else first
+        while len(self._spans) < self.depth and nxt < end:
+            n = min(count, end - nxt)
+            buf = self._buffer(n * cs.CT_CHUNK_SIZE)
+            self._spans.append((nxt, n, buf, io_pool().submit(fetch, nxt, n, buf)))
+            nxt += n
+        self.depth = max(1, min(self.depth * 2, self.max_bytes // span_bytes))
+
+    def _buffer(self, nbytes: int) -> bytearray:
+        while self._free:
+            buf = self._free.pop()
+            if len(buf) >= nbytes:
+                return buf
+        return bytearray(nbytes)
+
+    def _recycle(self) -> None:
+        if self._taken is not None:
+            self._free.append(self._taken)
+            self._taken = None
+
+    def drop(self) -> None:
+        """Forget the spans ahead (those already landing are waited for: they write into buffers
+        this stream may reuse) and fetch one at a time again."""
+        spans, self._spans = list(self._spans), deque()
+        wait([fut for _, _, _, fut in spans if not fut.cancel()])
+        self._free.extend(buf for _, _, buf, _ in spans)
+        self.depth = 1
+
     def close(self) -> None:
-        self.take(-1, 0)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._recycle()
+        self.drop()
+        self._free.clear()

@@ -1,8 +1,9 @@
 """Atomic destinations: a ciphertext appears at its path whole, or not at all.
 
 Local disk: a hidden temporary file beside the destination, fsync, ``os.replace``.
-Object stores with transactional uploads (S3, GCS, Azure): ``autocommit=False`` and an
-explicit commit; on error the multipart upload is aborted. Anything else: a temporary
+S3: a multipart upload of our own, parts sent concurrently, completed on commit and aborted on
+error. Other object stores with transactional uploads (GCS, Azure): ``autocommit=False`` and an
+explicit commit; on error the upload is aborted. Anything else: a temporary
 object beside the destination, then ``mv``.
 """
 
@@ -15,15 +16,19 @@ import secrets
 import stat
 import threading
 import time
+from concurrent.futures import Future, wait
 from typing import Callable, Protocol
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from .remote import io_pool, part_size
+
 TEMP_MARK = ".encfs-tmp-"
 STALE_AFTER = 60.0
 """Seconds a temporary file must be untouched before it counts as stale (with a free lock)."""
 _TRANSACTIONAL = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "abfss"}
+S3_MIN_PART = 5 << 20
 
 
 class Sink(Protocol):
@@ -245,6 +250,68 @@ class UploadSink:
             self._f.closed = True
 
 
+class S3UploadSink:
+    """An S3 object written as a multipart upload whose parts go up concurrently (on the I/O
+    pool) while the writer encrypts the next ones; at most ``inflight`` parts are held in
+    memory. Nothing is visible until ``commit`` completes the upload (a small object is one
+    ``PutObject`` then); ``discard``, or any failure, aborts it, leaving no object and no parts."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str, part: int | None = None, inflight: int = 8):
+        self.fs, self.path = fs, path
+        self.bucket, self.key, _ = fs.split_path(path)  # type: ignore[attr-defined]
+        self.part = max(S3_MIN_PART, part or part_size())
+        self.inflight = inflight
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[Future[dict]] = []
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._buf += data
+        while len(self._buf) >= self.part:
+            self._send(bytes(self._buf[: self.part]))
+            del self._buf[: self.part]
+        return len(data)
+
+    def _send(self, body: bytes) -> None:
+        if self._upload_id is None:
+            self._upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]  # type: ignore[attr-defined]
+        failed = next((f for f in self._parts if f.done() and f.exception() is not None), None)
+        if failed is not None:
+            failed.result()
+        number = len(self._parts) + 1
+        self._parts.append(io_pool().submit(self._upload, number, body))
+        running = [f for f in self._parts if not f.done()]
+        if len(running) >= self.inflight:
+            wait(running[:1])
+
+    def _upload(self, number: int, body: bytes) -> dict:
+        out = self.fs.call_s3(  # type: ignore[attr-defined]
+            "upload_part", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body
+        )
+        return {"PartNumber": number, "ETag": out["ETag"]}
+
+    def commit(self) -> None:
+        if self._upload_id is None:
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self._buf))  # type: ignore[attr-defined]
+        else:
+            if self._buf or not self._parts:
+                self._send(bytes(self._buf))
+            wait(self._parts)
+            parts = [f.result() for f in self._parts]
+            self.fs.call_s3(  # type: ignore[attr-defined]
+                "complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+            )
+        self._buf = bytearray()
+        self.fs.invalidate_cache(self.path)
+
+    def discard(self) -> None:
+        self._buf = bytearray()
+        wait(self._parts)
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)  # type: ignore[attr-defined]
+
+
 class RenameSink:
     def __init__(self, fs: AbstractFileSystem, path: str):
         self.fs, self.path, self.tmp = fs, path, temp_name(path)
@@ -289,6 +356,8 @@ def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None, 
     if exclusive and fs.exists(path):
         raise FileExistsError(path)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if type(fs).__name__ == "S3FileSystem":
+        return S3UploadSink(fs, path, block_size)
     if protocols & _TRANSACTIONAL:
         return UploadSink(fs, path, block_size)
     return RenameSink(fs, path)

@@ -63,7 +63,7 @@ class Target:
                     break
                 got += n
         else:
-            with h.lock, _changed_under_us():
+            with h.lock, changed_under_us():
                 h.raw.seek(offset)
                 while got < len(view):
                     data = h.raw.read(len(view) - got)
@@ -81,7 +81,7 @@ class Target:
 
 
 @contextlib.contextmanager
-def _changed_under_us() -> Iterator[None]:
+def changed_under_us() -> Iterator[None]:
     try:
         yield
     except OSError as e:

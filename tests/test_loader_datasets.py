@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from encfs import cobblestone as cs  # noqa: E402
 from encfs.errors import EncfsError, FormatError, IntegrityError, NoMatchingKeyError  # noqa: E402
+from encfs.remote import SMALL_OBJECT  # noqa: E402
 from encfs.keys.refs import load_reference  # noqa: E402
 from encfs.loaders import (  # noqa: E402
     EncryptedFileDataset,
@@ -417,10 +418,14 @@ def test_item_reads_its_bytes_plus_two_chunks_at_most(data, kind):
         CountingFileSystem.bytes_read = 0
         assert _same(fresh[i], ref[i])
         again = CountingFileSystem.bytes_read
+        reader = fresh.shards.reader(k)
+        if reader.ciphertext_size <= SMALL_OBJECT:  # read whole by the request that opened it, once
+            assert first_read == (reader.ciphertext_size if length else 0) and again == 0, (i, first_read, again)
+            continue
         budget = length + 2 * cs.CT_CHUNK_SIZE + cs.TAG_SIZE * (length // C + 1)
         assert again <= _chunk_ciphertext(start, length) <= budget, (i, again)
         assert again >= length  # (the sample's bytes were read, not served from elsewhere)
-        header = fresh.shards.reader(k).header_length + cs.PAYLOAD_PREFIX_SIZE
+        header = reader.header_length + cs.PAYLOAD_PREFIX_SIZE
         assert first_read - again <= max(header, 4096) + cs.CT_CHUNK_SIZE, (i, first_read)
 
 
