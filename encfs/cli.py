@@ -32,7 +32,7 @@ from . import __version__
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import get_backend
-from .copying import copy_stream
+from .copying import copy_stream, write_all
 from .errors import ConfigError, EncfsError, KeyReferenceError, naming
 from .filesystem import EncFileSystem
 from .header import open_header, read_header
@@ -371,7 +371,7 @@ class _StdoutSink:
         self._stream = stream
 
     def write(self, data: bytes | memoryview) -> int:
-        self._stream.write(data)
+        write_all(self._stream, memoryview(data))
         return len(data)
 
     def commit(self) -> None:
@@ -1395,6 +1395,13 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def _stdout_is_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI. Every error is one line ``encfs: error: ...`` and exit status 1 (130 on
     Ctrl-C); ``--debug`` shows the traceback instead. Messages never carry key material."""
@@ -1411,6 +1418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("encfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as e:
+        if not _stdout_is_pipe():
+            print(f"encfs: error: {cli_words(_one_line(e))}", file=sys.stderr)
+            return 1
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+        return 141  # the reader of stdout stopped early (``| head``): quiet, as cat is
     except (EncfsError, OSError) as e:
         if debug:
             traceback.print_exc()

@@ -21,11 +21,24 @@ def copy_stream(src: Any, dst: Any, progress: Callable[[int], Any] = lambda n: N
             n = src.readinto(mv)
             if not n:
                 return total
-            dst.write(mv[:n])
+            write_all(dst, mv[:n])
             total += n
             progress(n)
     finally:
         cleanse(buf)
+
+
+def write_all(dst: Any, data: memoryview) -> None:
+    """``dst.write`` until all of ``data`` is written. A buffered stream may accept only part of
+    a large write and drop the error that stopped it (stdout to a pipe that closed): writing
+    the rest raises it, so output is never cut short silently."""
+    while len(data):
+        n = dst.write(data)
+        if n is None:
+            return
+        if n <= 0:
+            raise OSError(f"write accepted {n} of {len(data)} bytes")
+        data = data[n:]
 
 
 class RangeReader:

@@ -22,13 +22,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
-from .env import env_int
+from .env import IO_THREADS, PART_SIZE, env_int
 from .errors import FormatError
 from .forking import ForkLocal
 from .target import changed_under_us
 
-IO_THREADS = "ENCFS_IO_THREADS"
-PART_SIZE = "ENCFS_PART_SIZE"
 DEFAULT_IO_THREADS = 32
 DEFAULT_PART = 8 << 20
 """Ciphertext bytes per ranged GET when a span is split (big enough that per-request latency

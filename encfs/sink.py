@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from .copying import write_all
 from .remote import io_pool, part_size
 
 TEMP_MARK = ".encfs-tmp-"
@@ -91,7 +92,8 @@ class LocalSink:
         self._f = os.fdopen(fd, "wb")
 
     def write(self, data: bytes | memoryview) -> int:
-        return self._f.write(data)
+        write_all(self._f, memoryview(data))
+        return len(data)
 
     def commit(self) -> None:
         self._f.flush()
@@ -237,7 +239,8 @@ class UploadSink:
         self._f = fs.open(path, "wb", autocommit=False, **kw)
 
     def write(self, data: bytes | memoryview) -> int:
-        return self._f.write(data)
+        write_all(self._f, memoryview(data))
+        return len(data)
 
     def commit(self) -> None:
         self._f.close()
@@ -318,7 +321,8 @@ class RenameSink:
         self._f = fs.open(self.tmp, "wb")
 
     def write(self, data: bytes | memoryview) -> int:
-        return self._f.write(bytes(data))
+        write_all(self._f, memoryview(bytes(data)))
+        return len(data)
 
     def commit(self) -> None:
         self._f.close()

@@ -310,3 +310,34 @@ def test_temp_files_are_private_and_final_mode_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "new2").st_mode) == 0o640
+
+
+def test_a_write_accepted_in_part_is_finished_or_raises():
+    """Buffered streams may take part of a large write and drop the error that stopped them
+    (stdout to a closed pipe): every copy encfs makes writes the rest, which raises it."""
+    import io
+
+    from encfs.copying import copy_stream, write_all
+
+    class Short(io.RawIOBase):
+        def __init__(self, fail_after: int | None):
+            self.got, self.fail_after = bytearray(), fail_after
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            if self.fail_after is not None and len(self.got) >= self.fail_after:
+                raise BrokenPipeError("reader went away")
+            n = min(len(b), 1000)
+            self.got += bytes(b[:n])
+            return n
+
+    data = os.urandom(10_000)
+    ok = Short(None)
+    write_all(ok, memoryview(data))
+    assert bytes(ok.got) == data
+    cut = Short(3000)
+    with pytest.raises(BrokenPipeError):
+        copy_stream(io.BytesIO(data), cut)
+    assert len(cut.got) == 3000

@@ -235,3 +235,20 @@ def test_passphrase_prompt_asks_twice_when_encrypting(tmp_path):
     rc, text = run_on_a_terminal(["decrypt", "--no-progress", "-k", "passphrase:prompt", str(tmp_path / "good.enc"), str(tmp_path / "out.txt")], ["correct horse"])
     assert rc == 0 and "(again)" not in text, "decrypting asks once"
     assert (tmp_path / "out.txt").read_bytes() == b"secret rows\n"
+
+
+@pytest.mark.parametrize("command", ["decrypt", "cat"])
+def test_a_reader_that_stops_early_is_no_error(tmp_path, command):
+    """``encfs decrypt X - | head`` ends quietly with 141 (SIGPIPE's status), as cat does."""
+    import subprocess
+
+    key = keyfile(tmp_path)
+    data = os.urandom(3_000_000)
+    (tmp_path / "p").write_bytes(data)
+    ok(run("encrypt", "-k", key, str(tmp_path / "p"), str(tmp_path / "e")))
+    args = [command, "-k", key, str(tmp_path / "e")] + (["-"] if command == "decrypt" else [])
+    proc = subprocess.Popen([sys.executable, "-m", "encfs.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10) == data[:10]
+    proc.stdout.close()
+    proc.wait(60)
+    assert proc.returncode == 141 and b"error" not in proc.stderr.read()
