@@ -35,6 +35,8 @@ class Request:
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    started: float = 0.0
+    finished: float = 0.0
 
 
 @dataclass
@@ -183,6 +185,16 @@ class LatencyProxy:
         """How many requests were seen, of ``method`` if given."""
         return sum(1 for r in self.requests if method is None or r.method == method.upper())
 
+    def max_in_flight(self) -> int:
+        """The most requests that were being answered at one time (from each request's arrival
+        to its last response byte): how concurrent a client was."""
+        events = sorted(e for r in self.requests if r.finished for e in ((r.started, 1), (r.finished, -1)))
+        most = now = 0
+        for _, step in events:
+            now += step
+            most = max(most, now)
+        return most
+
     def inject(self, fault: str, when: Callable[[Request], bool] = lambda r: True, times: int = 1) -> None:
         """Apply ``fault`` to the next ``times`` requests for which ``when`` is true."""
         if fault not in FAULTS:
@@ -268,7 +280,7 @@ class LatencyProxy:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 await _read_body(reader, req, _Pacer(self.bandwidth))
                 ready_at = time.monotonic()
-                rec = Request(method, urlsplit(path).path or path, query, req.headers.get("range"), bytes_in=req.size)
+                rec = Request(method, urlsplit(path).path or path, query, req.headers.get("range"), bytes_in=req.size, started=ready_at)
                 fault = self._take_fault(rec)
                 with self._lock:
                     self._requests.append(rec)
@@ -291,6 +303,7 @@ class LatencyProxy:
                 rec.bytes_out = len(body) if fault == "truncate" else resp.size
                 await asyncio.sleep(max(0.0, ready_at + self.latency - time.monotonic()))
                 await self._send(writer, resp.head, body)
+                rec.finished = time.monotonic()
                 if close or fault == "truncate":
                     break
         except _NETWORK_ERRORS:

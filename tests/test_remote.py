@@ -113,7 +113,7 @@ def test_sequential_read_fetches_ahead_in_parallel_and_delivers_in_order(proxied
             got += buf[:n]
         ahead = f._window.ahead
         assert ahead is not None and ahead.depth > 2  # the read-ahead grew while reads stayed sequential
-    assert got == data
+    assert got == data and proxy.max_in_flight() > 2
     spans = -(-len(data) // ((4 << 20) // cs.CHUNK_SIZE * cs.CHUNK_SIZE))
     parts_per_span = -(-(4 << 20) // cs.CHUNK_SIZE * cs.CT_CHUNK_SIZE // remote.part_size())
     assert proxy.count("GET") <= spans * parts_per_span + 2, proxy.count("GET")
@@ -129,6 +129,7 @@ def test_a_long_span_is_fetched_in_parts_concurrently(proxied):
     assert reader.read_chunks(0, reader.chunks, memoryview(out)) == len(data) and out == data
     ranges = [r.range for r in proxy.requests]
     assert len(ranges) >= 6 and len(set(ranges)) == len(ranges)  # 1 MiB parts, each fetched once
+    assert proxy.max_in_flight() > 1
     reader.close()
 
 
@@ -256,6 +257,7 @@ def test_a_large_write_uploads_parts_concurrently_and_commits_whole(proxied):
             f.write(data[i : i + (3 << 20)])
         assert not fs.exists(f"{bucket}/w")  # nothing visible before the commit
     parts = [r for r in proxy.requests if r.method == "PUT" and "partNumber" in r.query]
+    assert proxy.max_in_flight() > 1
     assert len(parts) == -(-(len(data) + 2000 + 16 * (len(data) // cs.CHUNK_SIZE + 1)) // (5 << 20))
     assert enc.cat_file(f"{bucket}/w") == data and _uploads(fs, bucket) == []
 
@@ -298,3 +300,24 @@ def test_an_error_in_the_writer_aborts_the_upload(proxied):
             raise RuntimeError("crash mid-upload")
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/crash") and _uploads(fs, bucket) == []
+
+
+def test_a_batch_of_samples_is_one_request_each_in_flight_together(proxied, keyref):
+    """``read_batch`` over an object store: one ranged GET per run of chunks, sent together."""
+    from encfs.loaders import ShardSet, read_batch
+
+    enc, _, bucket, _, opts = proxied
+    data = os.urandom(16 << 20)
+    enc.pipe_file(f"{bucket}/shard.bin", data)
+    shards = ShardSet(f"encfs::s3://{bucket}/shard.bin", storage_options={"encfs": {"key": keyref}, "s3": opts})
+    shards.reader(0)
+    rng = random.Random(4)
+    samples = [(0, p, 20_000) for p in sorted(rng.sample(range(0, len(data) - 20_000, 40 * cs.CHUNK_SIZE), 16))]
+    with LatencyProxy(opts["client_kwargs"]["endpoint_url"], latency=0.2) as slow:
+        slow_opts = {**opts, "client_kwargs": {**opts["client_kwargs"], "endpoint_url": slow.url}}
+        shards = ShardSet(f"encfs::s3://{bucket}/shard.bin", storage_options={"encfs": {"key": keyref}, "s3": slow_opts})
+        shards.reader(0)
+        slow.reset()
+        with read_batch(shards, samples) as batch:
+            assert [bytes(batch[i]) for i in range(len(samples))] == [data[p : p + n] for _, p, n in samples]
+        assert slow.count("GET") == len(samples) and slow.max_in_flight() > 4, slow.max_in_flight()
