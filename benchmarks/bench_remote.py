@@ -217,6 +217,8 @@ def measure(args: argparse.Namespace, proxy_port: int, moto_port: int) -> list[s
 
     bw = f"{args.bandwidth_mbs:g} MB/s per connection" if args.bandwidth_mbs else "no bandwidth cap"
     rows = [
+        "## Object stores: encfs::s3 against s3fs (remote-reads issue)",
+        "",
         f"Object store, {cpu_model()}, {os.cpu_count()} cores; moto server behind a proxy with "
         f"{args.latency_ms:g} ms first-byte latency and {bw}; {args.size_mib} MiB object; best of {args.repeats}, "
         "each client a fresh process (`python benchmarks/bench_remote.py --record`).",

@@ -20,12 +20,14 @@ from fsspec import AbstractFileSystem
 from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.implementations.chained import ChainedFileSystem
 
+from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend
 from .copying import copy_stream
 from .env import default_key
 from .errors import ConfigError, FormatError, naming, with_path
 from .file import DEFAULT_READAHEAD, EncryptedReader
+from .forking import ForkLocal
 from .hf import warn_if_datasets_download
 from .keys import KeyRing
 from .keys.refs import KeySpec
@@ -113,7 +115,7 @@ class EncFileSystem(ChainedFileSystem):
         self.probe_sizes = list_sizes == "probe" or (list_sizes == "auto" and (allow_plaintext or is_local(fs)))
         self._header_lengths: dict[tuple, int] = {}
         self._heads = PieceCache()
-        self._hl_lock = threading.Lock()
+        self._hl_lock_local: ForkLocal[threading.Lock] = ForkLocal(threading.Lock)
         self._strip_protocol = self._strip_target  # type: ignore[method-assign]
 
     # -- paths ---------------------------------------------------------------------------
@@ -137,21 +139,15 @@ class EncFileSystem(ChainedFileSystem):
         return get_backend(self.backend_name)
 
     # -- sizes ---------------------------------------------------------------------------
-    @classmethod
-    def _stamped_version(cls, entry: dict) -> tuple | None:
-        """``_version`` where the backend stamps versions (an ETag, a modification time), else None."""
-        version = cls._version(entry)
-        return None if version[2] == "None" else version
-
     @staticmethod
     def _version(entry: dict) -> tuple:
         """What identifies one version of a file: name, size and whatever stamp the backend gives."""
-        stamp = next((entry[k] for k in ("mtime", "ETag", "LastModified", "generation", "created") if entry.get(k) is not None), None)
+        stamp = next((entry[k] for k in ("ETag", "generation", "mtime", "LastModified", "created") if entry.get(k) is not None), None)
         return entry["name"], entry["size"], str(stamp)
 
     def _header_length(self, entry: dict) -> int | None:
         """Header length of a file (one 32-byte read, cached per file version); None if not encfs."""
-        with self._hl_lock:
+        with self._hl_lock_local.get():
             hit = self._header_lengths.get(self._version(entry))
         if hit is not None:
             return hit
@@ -162,7 +158,7 @@ class EncFileSystem(ChainedFileSystem):
         if prefix[:8] != fmt.MAGIC:
             return None
         length = fmt.parse_fixed_fields(prefix)
-        with self._hl_lock:
+        with self._hl_lock_local.get():
             if len(self._header_lengths) > 100_000:
                 self._header_lengths.clear()
             self._header_lengths[self._version(entry)] = length
@@ -219,7 +215,7 @@ class EncFileSystem(ChainedFileSystem):
     def _plain_size(self, entry: dict) -> tuple[int, bool]:
         """Plaintext size and whether the file is encrypted, from a known header length, else (when
         sizes are assumed) ``header_length``, else one read of the header's fixed fields."""
-        with self._hl_lock:
+        with self._hl_lock_local.get():
             hl = self._header_lengths.get(self._version(entry))
         if hl is None and not self.probe_sizes and _fits(entry["size"], self.header_length):
             hl = self.header_length
@@ -295,7 +291,7 @@ class EncFileSystem(ChainedFileSystem):
 
     def invalidate_cache(self, path: str | None = None) -> None:
         self.fs.invalidate_cache(path)
-        with self._hl_lock:
+        with self._hl_lock_local.get():
             self._header_lengths.clear()
         self._heads.clear()
 
@@ -314,11 +310,14 @@ class EncFileSystem(ChainedFileSystem):
             entry = self.fs.info(path)
             if entry.get("type") == "directory":
                 raise FileNotFoundError(f"{path} is a directory")
-            ct_size, version, etag = entry["size"], self._stamped_version(entry), entry.get("ETag")
+            ct_size, version, etag = entry["size"], PieceCache.key(entry), entry.get("ETag")
         obj = RemoteObject(self.fs, path, ct_size, self._heads.get(version), etag)
         reader = self._open_chunks(obj, path, ct_size, None)
-        if version is not None and isinstance(reader, ChunkReader):
-            self._heads.put(version, obj.pieces)
+        if isinstance(reader, ChunkReader):
+            span = max(FIRST_READ, reader.header_length + cs.PAYLOAD_PREFIX_SIZE)  # what opening reads from offset 0
+            head = obj.known(0, span) if span < ct_size else None  # never a whole file: its end must be read again
+            if head is not None:
+                self._heads.put(version, head)
         return reader
 
     def _open_chunks(self, raw: Any, path: str, ct_size: int | None, reopen: Any) -> ChunkReader | io.IOBase:
@@ -449,6 +448,8 @@ ENCFS_OPTIONS = (
     "header_length", "list_sizes",
 )
 LIST_SIZES = ("auto", "probe", "assume")
+KEY_MATERIAL_MARKS = ("encfs-key-v1:", "encfs-x25519-identity-v1:")
+"""What key file lines start with (docs/FORMAT.md §5): a ``key=`` holding one is never routed on."""
 FSSPEC_OPTIONS = ("skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop")
 
 
@@ -465,6 +466,11 @@ def _route_options(
     target_options = dict(target_options or {})
     accepted = _constructor_options(type(fs) if fs is not None else _target_class(target_protocol))
     fsspec_options = {k: options.pop(k) for k in list(options) if k in FSSPEC_OPTIONS}
+    if isinstance(key, str) and any(m in key for m in KEY_MATERIAL_MARKS):
+        raise ConfigError(
+            "key= holds key material itself, not a reference to it; name where the key is "
+            "(keyfile:PATH, env:NAME, ...: docs/KEYS.md). The value is not shown"
+        )
     if isinstance(key, str) and key and not _is_key_reference(key) and "key" in accepted:
         target_options.setdefault("key", key)
         key = None

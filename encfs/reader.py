@@ -17,7 +17,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from collections import deque
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from typing import BinaryIO, Callable
 
 from . import cobblestone as cs
@@ -26,7 +26,7 @@ from .errors import IntegrityError, naming
 from .forking import ForkLocal
 from .header import open_header
 from .keys import KeyRing
-from .remote import RemoteObject, in_io_thread, io_pool, part_size, parts, run_all
+from .remote import RemoteObject, in_io_thread, part_size, parts, run_all, submit
 from .securemem import cleanse
 from .target import Target
 
@@ -242,23 +242,26 @@ class ReadAhead:
         self._recycle()
         if self._spans and self._spans[0][:2] == (first, count):
             _, _, buf, fut = self._spans.popleft()
+            view = fut.result()  # if this raises, the buffer is left to its fetch, never reused
             self._taken = buf
-            return fut.result()
+            return view
         self.drop()
         return None
 
     def extend(self, first: int, count: int, end: int, fetch: Callable[[int, int, bytearray], memoryview]) -> None:
         """Fetch spans of ``count`` chunks from chunk ``first`` on (never past chunk ``end``)
-        until ``depth`` are in flight, then double ``depth`` within ``max_bytes``."""
+        until ``depth`` are in flight, then double ``depth`` within ``max_bytes``. Buffers kept
+        for reuse never outnumber the spans still to come."""
         self.started = True
         span_bytes = count * cs.CT_CHUNK_SIZE
         nxt = self._spans[-1][0] + self._spans[-1][1] if self._spans else first
         while len(self._spans) < self.depth and nxt < end:
             n = min(count, end - nxt)
             buf = self._buffer(n * cs.CT_CHUNK_SIZE)
-            self._spans.append((nxt, n, buf, io_pool().submit(fetch, nxt, n, buf)))
+            self._spans.append((nxt, n, buf, submit(fetch, nxt, n, buf)))
             nxt += n
         self.depth = max(1, min(self.depth * 2, self.max_bytes // span_bytes))
+        del self._free[max(0, min(self.depth, -(-(end - nxt) // count)) - len(self._spans)) :]
 
     def _buffer(self, nbytes: int) -> bytearray:
         while self._free:
@@ -273,11 +276,11 @@ class ReadAhead:
             self._taken = None
 
     def drop(self) -> None:
-        """Forget the spans ahead (those already landing are waited for: they write into buffers
-        this stream may reuse) and fetch one at a time again."""
+        """Forget the spans ahead and fetch one at a time again. Fetches not started are
+        cancelled and their buffers kept; those already running are left to finish into
+        buffers this stream lets go of (nobody waits for a read nobody wants)."""
         spans, self._spans = list(self._spans), deque()
-        wait([fut for _, _, _, fut in spans if not fut.cancel()])
-        self._free.extend(buf for _, _, buf, _ in spans)
+        self._free.extend(buf for _, _, buf, fut in spans if fut.cancel() or fut.done())
         self.depth = 1
 
     def close(self) -> None:

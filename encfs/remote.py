@@ -9,8 +9,8 @@ threads only wait on. After ``fork()`` a child gets its own pool (``ForkLocal``)
 target filesystem its own client (fsspec renews it).
 
 Bytes read while a file is opened (its header, its final chunk, or the whole of a small
-object) are kept as ``pieces`` and served again without a request: to the reader that opened
-them, and, through ``EncFileSystem``'s cache keyed by the object's version, to the next open.
+object) are kept as ``pieces`` and served again, without a request, to the reader that opened
+them; the header region alone is kept for the next open of the same version (``PieceCache``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,37 @@ def part_size() -> int:
 _DEFAULT = object()
 
 
+def submit(fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> Future[T]:
+    """``fn(*args)`` on the I/O pool; run here when the pool cannot take work (the interpreter is
+    shutting down: an ``atexit`` handler reading a file)."""
+    try:
+        return (pool or io_pool()).submit(fn, *args)
+    except RuntimeError:
+        done: Future[T] = Future()
+        try:
+            done.set_result(fn(*args))
+        except BaseException as e:
+            done.set_exception(e)
+        return done
+
+
+def finish(futures: Sequence[Future[Any]]) -> None:
+    """Wait until every one of ``futures`` has finished. An interrupt (Ctrl-C, a signal handler's
+    exception) cancels those not started, still waits for the running ones, which may be
+    writing into a caller's buffer, and is then raised."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except BaseException as e:
+            interrupted = interrupted or e
+            for f in futures:
+                f.cancel()
+    if interrupted is not None:
+        raise interrupted
+
+
 def run_all(tasks: Sequence[Callable[[], T]], on: Any = _DEFAULT) -> list[T]:
     """Run ``tasks`` on the I/O pool (``on=None``: one after another, here) and return their
     results in order. Every task has finished when this returns or raises (none is left
@@ -76,9 +107,11 @@ def run_all(tasks: Sequence[Callable[[], T]], on: Any = _DEFAULT) -> list[T]:
     pool = io_pool() if on is _DEFAULT else on
     if pool is None or len(tasks) == 1 or in_io_thread():
         return [t() for t in tasks]
-    futures: list[Future[T]] = [pool.submit(t) for t in tasks]
-    wait(futures)
+    futures = [submit(t, pool=pool) for t in tasks]
+    finish(futures)
     for f in futures:
+        if f.cancelled():
+            raise RuntimeError("cancelled")
         if f.exception() is not None:
             raise f.exception()  # type: ignore[misc]
     return [f.result() for f in futures]
@@ -117,7 +150,7 @@ class RemoteObject:
     def read_at(self, offset: int, n: int) -> bytes:
         """Exactly ``n`` bytes at ``offset``: from a piece already read, else one request. A
         read at offset 0 of a small object reads all of it (kept as a piece)."""
-        known = self._known(offset, n)
+        known = self.known(offset, n)
         if known is not None:
             return known
         if offset == 0 and self.size <= SMALL_OBJECT:
@@ -130,10 +163,11 @@ class RemoteObject:
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` from ``offset`` exactly (one request unless already read)."""
-        known = self._known(offset, len(view))
+        known = self.known(offset, len(view))
         view[:] = known if known is not None else self._get(offset, len(view))
 
-    def _known(self, offset: int, n: int) -> bytes | None:
+    def known(self, offset: int, n: int) -> bytes | None:
+        """Bytes ``offset..+n`` if already read, else None (no request)."""
         for start, data in list(self.pieces.items()):
             if start <= offset and offset + n <= start + len(data):
                 return data[offset - start : offset - start + n]
@@ -171,38 +205,44 @@ def _ranged_get(fs: Any, path: str, start: int, end: int, etag: str | None) -> b
 
 
 class PieceCache:
-    """What opening each object version read (header, final chunk, small objects whole), so
-    that opening it again costs no request: ciphertext only, bounded in bytes, least recently
-    used dropped first. Keyed by (path, size, version stamp)."""
+    """The header region (header and payload prefix) each object version had when it was opened,
+    so that opening it again costs one request (its final chunk, which still proves the version
+    on S3 by ``If-Match`` and is authenticated under this header's keys elsewhere). Only versions
+    named by a strong validator (ETag, generation, version id) are kept: a modification time in
+    whole seconds names two versions alike. Ciphertext only, bounded, least recently used dropped
+    first; a forked child starts empty."""
 
-    def __init__(self, max_bytes: int = 16 << 20):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple, dict[int, bytes]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+    def __init__(self, max_entries: int = 4096):
+        self.max_entries = max_entries
+        self._state: ForkLocal[tuple[threading.Lock, OrderedDict[tuple, bytes]]] = ForkLocal(lambda: (threading.Lock(), OrderedDict()))
 
-    def get(self, version: tuple | None) -> dict[int, bytes] | None:
-        if version is None:
-            return None
-        with self._lock:
-            pieces = self._items.get(version)
-            if pieces is not None:
-                self._items.move_to_end(version)
-            return pieces
+    @staticmethod
+    def key(entry: dict) -> tuple | None:
+        stamp = next((entry[k] for k in ("ETag", "generation", "VersionId", "version_id") if entry.get(k)), None)
+        return None if stamp is None else (entry["name"], entry["size"], str(stamp))
 
-    def put(self, version: tuple, pieces: dict[int, bytes]) -> None:
-        size = sum(len(p) for p in pieces.values())
-        if not pieces or size > self.max_bytes // 4:
+    def get(self, key: tuple | None) -> dict[int, bytes]:
+        if key is None:
+            return {}
+        lock, items = self._state.get()
+        with lock:
+            head = items.get(key)
+            if head is None:
+                return {}
+            items.move_to_end(key)
+            return {0: head}
+
+    def put(self, key: tuple | None, head: bytes) -> None:
+        if key is None:
             return
-        with self._lock:
-            old = self._items.pop(version, None)
-            self._bytes += size - (sum(len(p) for p in old.values()) if old else 0)
-            self._items[version] = dict(pieces)
-            while self._bytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self._bytes -= sum(len(p) for p in dropped.values())
+        lock, items = self._state.get()
+        with lock:
+            items[key] = head
+            items.move_to_end(key)
+            while len(items) > self.max_entries:
+                items.popitem(last=False)
 
     def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
+        lock, items = self._state.get()
+        with lock:
+            items.clear()

@@ -16,20 +16,23 @@ import secrets
 import stat
 import threading
 import time
-from concurrent.futures import Future, wait
+from collections import deque
+from concurrent.futures import Future
 from typing import Callable, Protocol
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from .copying import write_all
-from .remote import io_pool, part_size
+from .remote import finish, part_size, submit
 
 TEMP_MARK = ".encfs-tmp-"
 STALE_AFTER = 60.0
 """Seconds a temporary file must be untouched before it counts as stale (with a free lock)."""
 _TRANSACTIONAL = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "abfss"}
 S3_MIN_PART = 5 << 20
+S3_MAX_PART = 5 << 30
+S3_MAX_PARTS = 10_000
 
 
 class Sink(Protocol):
@@ -256,36 +259,44 @@ class UploadSink:
 class S3UploadSink:
     """An S3 object written as a multipart upload whose parts go up concurrently (on the I/O
     pool) while the writer encrypts the next ones; at most ``inflight`` parts are held in
-    memory. Nothing is visible until ``commit`` completes the upload (a small object is one
-    ``PutObject`` then); ``discard``, or any failure, aborts it, leaving no object and no parts."""
+    memory. Parts grow (twice as large every 1000) so that an object of any size S3 allows
+    fits its 10,000 parts. Nothing is visible until ``commit`` completes the upload (a small
+    object is one ``PutObject``); ``discard``, or any failure, aborts it: no object, no parts."""
 
     def __init__(self, fs: AbstractFileSystem, path: str, part: int | None = None, inflight: int = 8):
         self.fs, self.path = fs, path
         self.bucket, self.key, _ = fs.split_path(path)  # type: ignore[attr-defined]
-        self.part = max(S3_MIN_PART, part or part_size())
+        self.first_part = max(S3_MIN_PART, part or part_size())
         self.inflight = inflight
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._parts: list[Future[dict]] = []
+        self._running: deque[Future[dict]] = deque()
+
+    @property
+    def part(self) -> int:
+        """The size of the next part."""
+        return min(S3_MAX_PART, self.first_part << (len(self._parts) // 1000))
 
     def write(self, data: bytes | memoryview) -> int:
         self._buf += data
         while len(self._buf) >= self.part:
-            self._send(bytes(self._buf[: self.part]))
-            del self._buf[: self.part]
+            n = self.part
+            self._send(bytes(self._buf[:n]))
+            del self._buf[:n]
         return len(data)
 
     def _send(self, body: bytes) -> None:
         if self._upload_id is None:
             self._upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]  # type: ignore[attr-defined]
-        failed = next((f for f in self._parts if f.done() and f.exception() is not None), None)
-        if failed is not None:
-            failed.result()
-        number = len(self._parts) + 1
-        self._parts.append(io_pool().submit(self._upload, number, body))
-        running = [f for f in self._parts if not f.done()]
-        if len(running) >= self.inflight:
-            wait(running[:1])
+        if len(self._parts) >= S3_MAX_PARTS:
+            raise OSError(f"{self.path}: more than {S3_MAX_PARTS} parts; S3 refuses the object")
+        while self._running and (self._running[0].done() or len(self._running) >= self.inflight):
+            finish([self._running[0]])
+            self._running.popleft().result()
+        fut = submit(self._upload, len(self._parts) + 1, body)
+        self._parts.append(fut)
+        self._running.append(fut)
 
     def _upload(self, number: int, body: bytes) -> dict:
         out = self.fs.call_s3(  # type: ignore[attr-defined]
@@ -299,7 +310,7 @@ class S3UploadSink:
         else:
             if self._buf or not self._parts:
                 self._send(bytes(self._buf))
-            wait(self._parts)
+            finish(self._parts)
             parts = [f.result() for f in self._parts]
             self.fs.call_s3(  # type: ignore[attr-defined]
                 "complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
@@ -309,10 +320,12 @@ class S3UploadSink:
 
     def discard(self) -> None:
         self._buf = bytearray()
-        wait(self._parts)
-        if self._upload_id is not None:
-            upload_id, self._upload_id = self._upload_id, None
-            self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)  # type: ignore[attr-defined]
+        try:
+            finish(self._parts)
+        finally:
+            if self._upload_id is not None:
+                upload_id, self._upload_id = self._upload_id, None
+                self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)  # type: ignore[attr-defined]
 
 
 class RenameSink:
