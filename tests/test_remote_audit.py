@@ -7,6 +7,7 @@ required. Fixed in the commit that added this file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -73,6 +74,24 @@ def _forget_memory_files():
 # -- (1) stale / wrong plaintext -------------------------------------------------------------
 
 
+class Interrupted(BaseException):
+    """What a signal handler raises in the middle of a wait (as Ctrl-C or a timeout would)."""
+
+
+@contextlib.contextmanager
+def interrupted_after(seconds: float):
+    def on_alarm(signum, frame):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_a_replaced_small_object_is_never_served_from_a_coarse_mtime_cache(keyref):
     """A small object (<= 256 KiB) is read whole at open and kept in ``EncFileSystem._heads``
     keyed by (name, size, stamp). ``_version`` (filesystem.py:149) takes ``mtime`` first, and
@@ -131,20 +150,8 @@ def test_an_interrupted_long_read_leaves_no_part_writing_into_the_callers_buffer
     reader = enc.open_reader(f"{root}/big")
     out = bytearray(len(data))
 
-    class Interrupted(BaseException):
-        pass
-
-    def on_alarm(signum, frame):
-        raise Interrupted()
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        with pytest.raises(Interrupted):
-            reader.read_chunks(0, reader.chunks, memoryview(out))
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    with pytest.raises(Interrupted), interrupted_after(0.2):
+        reader.read_chunks(0, reader.chunks, memoryview(out))
     out[:] = b"\xab" * len(out)  # the caller reuses its buffer for something else
     time.sleep(SlowRangesMemoryFS.delay * 3)
     try:
@@ -446,21 +453,9 @@ def test_an_interrupted_stream_never_reuses_a_buffer_still_being_written(keyref)
     SlowOnceMemoryFS.slow_once = {f._r.header_length + cs.chunk_offset(window)}  # span 2's prefetch
     buf = bytearray(4 << 20)
 
-    class Interrupted(BaseException):
-        pass
-
-    def on_alarm(signum, frame):
-        raise Interrupted()
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        assert f.readinto(buf) == len(buf) and buf == data[: 4 << 20]  # span 2 is now fetched ahead (slowly)
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(Interrupted):
-            f.readinto(buf)  # waits on span 2; interrupted (Ctrl-C, a timeout)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    assert f.readinto(buf) == len(buf) and buf == data[: 4 << 20]  # span 2 is now fetched ahead (slowly)
+    with pytest.raises(Interrupted), interrupted_after(0.3):
+        f.readinto(buf)  # waits on span 2; interrupted (Ctrl-C, a timeout)
     try:
         assert f.readinto(buf) == len(buf) and buf == data[4 << 20 : 8 << 20]  # retried: fine
         time.sleep(5)  # the interrupted fetch lands, in a buffer now holding span 3
