@@ -30,6 +30,8 @@ from .remote import RemoteObject, in_io_thread, part_size, parts, run_all, submi
 from .securemem import cleanse
 from .target import Target
 
+TAIL_CHUNKS = 5
+"""Chunks read from a remote file's end when it opens: any 64 KiB before the end (a footer)."""
 DEFAULT_AHEAD_BYTES = 64 << 20
 """Ciphertext a remote stream may have in flight ahead of its reads (16 windows of 4 MiB)."""
 
@@ -70,10 +72,18 @@ class ChunkReader:
         return self._target.fd is not None
 
     def _authenticate_final_chunk(self, head: bytes) -> None:
-        """Small files are already in ``head``; others cost one read of at most one chunk."""
+        """Small files are already in ``head``; others cost one read of at most one chunk (on a
+        remote target, of the last ``TAIL_CHUNKS``, which it keeps: a Parquet or zip reader's
+        first read, the footer, then costs no request)."""
         last = self.chunks - 1
         offset, ct_len = self._ct_range(last, 1)
-        ct = head[offset : offset + ct_len] if offset + ct_len <= len(head) else self._target.read_at(offset, ct_len)
+        if offset + ct_len <= len(head):
+            ct = head[offset : offset + ct_len]
+        elif self.remote:
+            tail_at = self._ct_range(max(0, last - TAIL_CHUNKS + 1), 1)[0]
+            ct = self._target.read_at(tail_at, offset + ct_len - tail_at)[offset - tail_at :]
+        else:
+            ct = self._target.read_at(offset, ct_len)
         scratch = bytearray(ct_len - cs.TAG_SIZE)
         try:
             self._cipher.decrypt_into(last, memoryview(ct), memoryview(scratch))

@@ -322,3 +322,21 @@ def test_a_batch_of_samples_is_one_request_each_in_flight_together(proxied, keyr
         with read_batch(shards, samples) as batch:
             assert [bytes(batch[i]) for i in range(len(samples))] == [data[p : p + n] for _, p, n in samples]
         assert slow.count("GET") == len(samples) and slow.max_in_flight() > 4, slow.max_in_flight()
+
+
+def test_a_parquet_footer_costs_no_request_beyond_the_open(proxied):
+    """Opening reads a remote file's last chunks with its final chunk, so pyarrow's first read,
+    the footer, is served from them."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    enc, _, bucket, proxy, _ = proxied
+    table = pa.table({"x": np.arange(300_000), "s": [f"r{i}" for i in range(300_000)]})
+    with enc.open(f"{bucket}/t.parquet", "wb") as f:
+        pq.write_table(table, f)
+    enc.ls(bucket)
+    proxy.reset()
+    with enc.open(f"{bucket}/t.parquet", "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        assert meta.num_rows == 300_000 and proxy.count() == 2, proxy.requests
+        assert pq.ParquetFile(f).read().equals(table)
