@@ -32,7 +32,7 @@ from .hf import warn_if_datasets_download
 from .keys import KeyRing
 from .keys.refs import KeySpec
 from .header import FIRST_READ
-from .reader import ChunkReader
+from .reader import TAIL_CHUNKS, ChunkReader
 from .remote import PieceCache, RemoteObject, io_pool, run_all
 from .sink import LocalSink, fill_atomically, is_local, is_temp_name, open_sink
 from .transaction import EncTransaction
@@ -312,6 +312,7 @@ class EncFileSystem(ChainedFileSystem):
                 raise FileNotFoundError(f"{path} is a directory")
             ct_size, version, etag = entry["size"], PieceCache.key(entry), entry.get("ETag")
         obj = RemoteObject(self.fs, path, ct_size, self._heads.get(version), etag)
+        obj.preload(FIRST_READ, TAIL_CHUNKS * cs.CT_CHUNK_SIZE)
         reader = self._open_chunks(obj, path, ct_size, None)
         if isinstance(reader, ChunkReader):
             span = max(FIRST_READ, reader.header_length + cs.PAYLOAD_PREFIX_SIZE)  # what opening reads from offset 0

@@ -161,6 +161,16 @@ class RemoteObject:
             self.pieces[offset] = data
         return data
 
+    def preload(self, head: int, tail: int) -> None:
+        """Fetch the first ``head`` and last ``tail`` bytes together (two requests in flight at
+        once: an open's header and final chunks cost one round trip), unless already known."""
+        wanted = [(0, min(head, self.size)), (max(0, self.size - tail), min(tail, self.size))]
+        wanted = [(o, n) for o, n in wanted if n and self.known(o, n) is None]
+        if self.size <= SMALL_OBJECT or len(wanted) < 2:
+            return
+        for (o, _), data in zip(wanted, run_all([lambda o=o, n=n: self._get(o, n) for o, n in wanted])):
+            self.pieces[o] = data
+
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` from ``offset`` exactly (one request unless already read)."""
         known = self.known(offset, len(view))

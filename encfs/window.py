@@ -5,7 +5,8 @@ A read is served from the window when it can be. A miss decrypts the chunks unde
 into the window, or ``readahead`` chunks when the read continues where the last one ended
 (sequential). A chunk-aligned read of whole chunks bypasses the window and decrypts straight
 into the caller's buffer (on a remote target only a read of a whole window or more, so that
-small reads still fetch whole windows, one request each). The window lives in a ``SecureBuffer`` (locked, out of core dumps)
+small reads still fetch whole windows, one request each; a larger one is fetched whole, in
+concurrent parts). The window lives in a ``SecureBuffer`` (locked, out of core dumps)
 and is wiped when the file closes; its ``ReadAhead`` (ciphertext buffers, background fetch on
 remote targets) is this stream's, per process.
 """
@@ -36,7 +37,7 @@ class PlaintextWindow:
             return self._copy(pos, out)
         first = pos // cs.CHUNK_SIZE
         if pos % cs.CHUNK_SIZE == 0 and len(out) >= (self.readahead if self._r.remote else 1) * cs.CHUNK_SIZE:
-            count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first, self.readahead)
+            count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first, self._r.chunks if self._r.remote else self.readahead)
             pt = self._r.span(first, count)[1]
             if pt <= len(out):
                 return self._direct(pos, first, count, out[:pt])

@@ -79,6 +79,8 @@ def test_per_sample_random_reads_cost_one_request_each(proxied):
             f.seek(pos)
             assert f.read(150_000) == data[pos : pos + 150_000]
         assert proxy.count() <= 25, proxy.count()
+        per_sample = max(r.bytes_out for r in proxy.requests)
+        assert per_sample <= (-(-150_000 // cs.CHUNK_SIZE) + 1) * cs.CT_CHUNK_SIZE, per_sample  # its chunks, no more
         reader = enc.open_reader(f"{bucket}/s")
         proxy.reset()
         out = bytearray(10 * cs.CHUNK_SIZE)
