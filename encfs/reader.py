@@ -114,16 +114,15 @@ class ChunkReader:
 
         Safe to call from several threads at once. A caller reading a stream (a file object,
         under its own lock) passes its ``ReadAhead``: ciphertext buffers are reused, and with
-        ``sequential`` a remote target's next spans are fetched in the background. A long span
-        of a remote target read out of sequence is fetched in concurrent parts, each opened as
-        it lands."""
+        ``sequential`` a remote target's next spans are fetched in the background. Without one,
+        a long span of a remote target is fetched in concurrent parts, each opened as it lands."""
         with naming(self.name), self._in_use():
             offset, ct_len = self._ct_range(first, count)
             if self._pread_min is not None and count >= self._pread_min:
                 fd = self._target.fd
                 assert fd is not None
                 return self._cipher.pread_decrypt_into(fd, offset, first, ct_len, out)
-            if self.remote and ct_len > part_size() and not (ahead is not None and sequential):
+            if ahead is None and self.remote and ct_len > part_size():
                 return self._fetch_and_open(first, count, out)
             return self._cipher.decrypt_into(first, self._fetch(first, count, ahead, sequential), out)
 

@@ -5,8 +5,8 @@ A read is served from the window when it can be. A miss decrypts the chunks unde
 into the window, or ``readahead`` chunks when the read continues where the last one ended
 (sequential). A chunk-aligned read of whole chunks bypasses the window and decrypts straight
 into the caller's buffer (on a remote target only a read of a whole window or more, so that
-small reads still fetch whole windows, one request each; a larger one is fetched whole, in
-concurrent parts). The window lives in a ``SecureBuffer`` (locked, out of core dumps)
+small reads still fetch whole windows, one request each; a longer one is fetched in concurrent
+parts, up to 64 MiB per call, without read-ahead). The window lives in a ``SecureBuffer`` (locked, out of core dumps)
 and is wiped when the file closes; its ``ReadAhead`` (ciphertext buffers, background fetch on
 remote targets) is this stream's, per process.
 """
@@ -18,6 +18,11 @@ from .errors import IntegrityError
 from .forking import ForkLocal
 from .reader import ChunkReader, ReadAhead
 from .securemem import SecureBuffer
+
+
+REMOTE_DIRECT = 4096
+"""Chunks (64 MiB) a long read of a remote file decrypts per call, fetched in concurrent parts:
+what bounds the ciphertext such a read holds at once."""
 
 
 class PlaintextWindow:
@@ -37,7 +42,7 @@ class PlaintextWindow:
             return self._copy(pos, out)
         first = pos // cs.CHUNK_SIZE
         if pos % cs.CHUNK_SIZE == 0 and len(out) >= (self.readahead if self._r.remote else 1) * cs.CHUNK_SIZE:
-            count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first, self._r.chunks if self._r.remote else self.readahead)
+            count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first, REMOTE_DIRECT if self._r.remote else self.readahead)
             pt = self._r.span(first, count)[1]
             if pt <= len(out):
                 return self._direct(pos, first, count, out[:pt])
@@ -61,8 +66,9 @@ class PlaintextWindow:
         return len(src)
 
     def _direct(self, pos: int, first: int, count: int, out: memoryview) -> int:
+        ahead = None if count > self.readahead else self._ahead.get()  # (longer: concurrent parts, no read-ahead)
         try:
-            got = self._r.read_chunks(first, count, out, self._ahead.get(), sequential=pos == self._next)
+            got = self._r.read_chunks(first, count, out, ahead, sequential=pos == self._next)
         except IntegrityError as e:
             verified = (e.offset or pos) - pos
             if verified > 0:

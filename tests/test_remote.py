@@ -342,3 +342,21 @@ def test_a_parquet_footer_costs_no_request_beyond_the_open(proxied):
         meta = pq.ParquetFile(f).metadata
         assert meta.num_rows == 300_000 and proxy.count() == 2, proxy.requests
         assert pq.ParquetFile(f).read().equals(table)
+
+
+def test_reading_a_whole_remote_file_holds_a_bounded_amount_of_ciphertext(proxied, monkeypatch):
+    """``f.read()`` of a remote file goes in steps of ``REMOTE_DIRECT`` chunks, each fetched in
+    concurrent parts straight into the result: no buffer the size of the file besides it (at
+    most a window or two of read-ahead)."""
+    from encfs import window
+
+    monkeypatch.setattr(window, "REMOTE_DIRECT", 512)  # 8 MiB steps
+    enc, _, bucket, proxy, _ = proxied
+    data = os.urandom(20 << 20)
+    enc.pipe_file(f"{bucket}/whole", data)
+    proxy.reset()
+    with enc.open(f"{bucket}/whole", "rb") as f:
+        assert f.read() == data
+        ahead = f._window.ahead
+        assert ahead is None or sum(len(b) for b in ahead.buffers) <= 2 * f.readahead * cs.CT_CHUNK_SIZE  # not the file's size
+    assert max(r.bytes_out for r in proxy.requests) <= remote.part_size() and proxy.max_in_flight() > 1
