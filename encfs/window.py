@@ -17,7 +17,8 @@ from . import cobblestone as cs
 from .errors import IntegrityError
 from .forking import ForkLocal
 from .reader import ChunkReader, ReadAhead
-from .securemem import SecureBuffer
+from .remote import finish, submit
+from .securemem import SecureBuffer, cleanse
 
 
 REMOTE_DIRECT = 4096
@@ -41,6 +42,8 @@ class PlaintextWindow:
         if self._holds(pos):
             return self._copy(pos, out)
         first = pos // cs.CHUNK_SIZE
+        if self._r.remote and pos % cs.CHUNK_SIZE and len(out) > (2 * self.readahead + 1) * cs.CHUNK_SIZE:
+            return self._split(pos, first, out)
         if pos % cs.CHUNK_SIZE == 0 and len(out) >= (self.readahead if self._r.remote else 1) * cs.CHUNK_SIZE:
             count = min(len(out) // cs.CHUNK_SIZE, self._r.chunks - first, REMOTE_DIRECT if self._r.remote else self.readahead)
             pt = self._r.span(first, count)[1]
@@ -78,10 +81,37 @@ class PlaintextWindow:
         self._next = pos + got
         return got
 
-    def _fill(self, pos: int, want: int) -> None:
+    def _split(self, pos: int, first: int, out: memoryview) -> int:
+        """A long unaligned read of a remote file: the chunk under ``pos`` into the window and
+        the whole chunks after it straight into ``out``, fetched at the same time (one round
+        trip, not two). Nothing after a failed chunk is left in ``out``."""
+        head = cs.CHUNK_SIZE - pos % cs.CHUNK_SIZE
+        count = min((len(out) - head) // cs.CHUNK_SIZE, self._r.chunks - first - 1, REMOTE_DIRECT)
+        tail = out[head : head + self._r.span(first + 1, count)[1]]
+        filling = submit(self._fill, pos, head, False)  # (the long part stays here: its parts go to the pool)
+        try:
+            rest: int | BaseException = self._r.read_chunks(first + 1, count, tail)
+        except BaseException as e:
+            rest = e
+        try:
+            finish([filling])
+            filling.result()
+        except BaseException:
+            cleanse(tail)
+            raise
+        got = self._copy(pos, out[:head])
+        if isinstance(rest, IntegrityError):
+            rest = (rest.offset or 0) - (first + 1) * cs.CHUNK_SIZE
+        elif isinstance(rest, BaseException):
+            cleanse(tail)
+            raise rest
+        self._next = pos + got + rest
+        return got + rest
+
+    def _fill(self, pos: int, want: int, sequential: bool | None = None) -> None:
         first = pos // cs.CHUNK_SIZE
         last = min((pos + want - 1) // cs.CHUNK_SIZE, self._r.chunks - 1)
-        sequential = pos == self._next
+        sequential = pos == self._next if sequential is None else sequential
         count = max(last - first + 1, self.readahead if sequential else 1)
         count = min(count, self._r.chunks - first, self.readahead)
         pt = self._r.span(first, count)[1]

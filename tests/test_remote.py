@@ -360,3 +360,32 @@ def test_reading_a_whole_remote_file_holds_a_bounded_amount_of_ciphertext(proxie
         ahead = f._window.ahead
         assert ahead is None or sum(len(b) for b in ahead.buffers) <= 2 * f.readahead * cs.CT_CHUNK_SIZE  # not the file's size
     assert max(r.bytes_out for r in proxy.requests) <= remote.part_size() and proxy.max_in_flight() > 1
+
+
+@pytest.mark.parametrize("bad_chunk", [None, 0, 1, 40])
+def test_a_long_unaligned_read_fetches_head_and_rest_together_and_stops_at_a_bad_chunk(keyref, bad_chunk):
+    """An unaligned read of many windows on a remote file: the chunk under the position and the
+    chunks after it are fetched at the same time; what comes back is the plaintext up to the
+    first bad chunk, and nothing after it is left in the buffer."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    mem = MemoryFileSystem(skip_instance_cache=True)
+    enc = EncFileSystem(fs=mem, key=keyref, skip_instance_cache=True)
+    path = f"/split-{uuid.uuid4().hex[:8]}"
+    data = os.urandom(120 * cs.CHUNK_SIZE + 777)
+    enc.pipe_file(path, data)
+    if bad_chunk is not None:
+        raw = bytearray(mem.cat_file(path))
+        raw[1024 + cs.chunk_offset(bad_chunk) + 9] ^= 1
+        mem.pipe_file(path, bytes(raw))
+    with enc.open(path, "rb", readahead=8) as f:
+        f.seek(100)
+        buf = bytearray(100 * cs.CHUNK_SIZE)
+        if bad_chunk is None:
+            assert f.readinto(buf) == len(buf) and buf == data[100 : 100 + len(buf)]
+            return
+        with pytest.raises(IntegrityError) as e:
+            f.readinto(buf)
+        v = e.value.verified_bytes
+        assert v == max(0, bad_chunk * cs.CHUNK_SIZE - 100) and f.tell() == 100 + v
+        assert buf[:v] == data[100 : 100 + v] and not any(buf[v:])
