@@ -1149,7 +1149,6 @@ def _removal(value: str) -> str:
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
-    header_length = None if args.header_length is None else fmt.check_header_length(args.header_length)
     keyring = KeyRing(args.key or None, identities=args.identity or None)
     add = [load_reference(r) for r in key_refs(args.add, "--add")]
     remove = [_removal(r) for r in args.remove]
@@ -1162,7 +1161,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         shown = _shown(fs, p)
         try:
             with naming(shown):
-                res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place, header_length=header_length)
+                res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place, header_length=args.header_length)
         except (KeyReferenceError, ConfigError, EncfsError, OSError) as e:
             if not done:
                 raise

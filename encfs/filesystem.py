@@ -33,7 +33,7 @@ from .keys import KeyRing
 from .keys.refs import KeySpec
 from .header import FIRST_READ
 from .reader import TAIL_CHUNKS, ChunkReader
-from .remote import PieceCache, RemoteObject, io_pool, run_all
+from .remote import PieceCache, RemoteObject, run_all
 from .sink import LocalSink, fill_atomically, is_local, is_temp_name, open_sink
 from .transaction import EncTransaction
 from .writer import EncryptedTextWriter, EncryptedWriter, PayloadWriter
@@ -145,12 +145,15 @@ class EncFileSystem(ChainedFileSystem):
         stamp = next((entry[k] for k in ("ETag", "generation", "mtime", "LastModified", "created") if entry.get(k) is not None), None)
         return entry["name"], entry["size"], str(stamp)
 
-    def _header_length(self, entry: dict) -> int | None:
-        """Header length of a file (one 32-byte read, cached per file version); None if not encfs."""
+    def _header_length(self, entry: dict, assume: bool = False) -> int | None:
+        """Header length of a file (cached per file version), else ``header_length`` if
+        ``assume``, else one 32-byte read; None if not encfs."""
         with self._hl_lock_local.get():
             hit = self._header_lengths.get(self._version(entry))
         if hit is not None:
             return hit
+        if assume:
+            return self.header_length
         prefix = self.fs.cat_file(entry["name"], start=0, end=fmt.FIXED_FIELDS_SIZE) if entry["size"] >= fmt.FIXED_FIELDS_SIZE else b""
         return self._remember(entry, prefix)
 
@@ -190,8 +193,10 @@ class EncFileSystem(ChainedFileSystem):
         todo = [e for e in files if self._version(e) not in self._header_lengths and e["size"] >= fmt.FIXED_FIELDS_SIZE]
         if self.probe_sizes or not todo:
             return todo
-        odd = [e for e in todo if not _fits(e["size"], self.header_length)]
-        shaped = [e for e in todo if _fits(e["size"], self.header_length)]
+        odd: list[dict] = []
+        shaped: list[dict] = []
+        for e in todo:
+            (shaped if _fits(e["size"], self.header_length) else odd).append(e)
         if not shaped:
             return odd
         self._probe(odd + shaped[:1])
@@ -215,12 +220,7 @@ class EncFileSystem(ChainedFileSystem):
     def _plain_size(self, entry: dict) -> tuple[int, bool]:
         """Plaintext size and whether the file is encrypted, from a known header length, else (when
         sizes are assumed) ``header_length``, else one read of the header's fixed fields."""
-        with self._hl_lock_local.get():
-            hl = self._header_lengths.get(self._version(entry))
-        if hl is None and not self.probe_sizes and _fits(entry["size"], self.header_length):
-            hl = self.header_length
-        if hl is None:
-            hl = self._header_length(entry)
+        hl = self._header_length(entry, assume=not self.probe_sizes and _fits(entry["size"], self.header_length))
         if hl is None:
             return entry["size"], False
         return fmt.plaintext_size(entry["size"], hl), True
@@ -386,7 +386,6 @@ class EncFileSystem(ChainedFileSystem):
         for i, p in enumerate(paths):
             by_path.setdefault(p, []).append(i)
 
-
         def one_file(p: str, idx: list[int]) -> None:
             try:
                 with self.open(p, "rb") as f:
@@ -396,7 +395,7 @@ class EncFileSystem(ChainedFileSystem):
                 for i in idx:
                     out[i] = e
 
-        run_all([lambda p=p, idx=idx: one_file(p, idx) for p, idx in by_path.items()], on=None if is_local(self.fs) else io_pool())
+        run_all([lambda p=p, idx=idx: one_file(p, idx) for p, idx in by_path.items()], concurrent=not is_local(self.fs))
         if on_error == "raise":
             for r in out:
                 if isinstance(r, Exception):

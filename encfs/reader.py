@@ -131,11 +131,6 @@ class ChunkReader:
         """True when reads are ranged requests to an object store (``remote.RemoteObject``)."""
         return isinstance(self._target, RemoteObject)
 
-    def _parts(self, first: int, count: int) -> list[tuple[int, int]]:
-        """(first chunk, count) of the parts a span is fetched in, concurrently."""
-        per = max(1, part_size() // cs.CT_CHUNK_SIZE)
-        return [(first + i, min(per, count - i)) for i in range(0, count, per)]
-
     def _fetch_and_open(self, first: int, count: int, out: memoryview) -> int:
         """A long span of a remote file: its parts fetched concurrently, each opened into its
         slice of ``out`` as it lands. Every part has finished before this returns; from the
@@ -146,7 +141,7 @@ class ChunkReader:
             pt_off = (pfirst - first) * cs.CHUNK_SIZE
             return self._cipher.decrypt_into(pfirst, ct, out[pt_off : pt_off + self.span(pfirst, pcount)[1]])
 
-        plan = self._parts(first, count)
+        plan = parts(first, count, max(1, part_size() // cs.CT_CHUNK_SIZE))
         try:
             return sum(run_all([lambda pf=pf, pc=pc: part(pf, pc) for pf, pc in plan]))
         except IntegrityError as e:

@@ -66,14 +66,11 @@ def part_size() -> int:
     return env_int(PART_SIZE, DEFAULT_PART, 64 << 10)
 
 
-_DEFAULT = object()
-
-
-def submit(fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> Future[T]:
+def submit(fn: Callable[..., T], *args: Any) -> Future[T]:
     """``fn(*args)`` on the I/O pool; run here when the pool cannot take work (the interpreter is
     shutting down: an ``atexit`` handler reading a file)."""
     try:
-        return (pool or io_pool()).submit(fn, *args)
+        return io_pool().submit(fn, *args)
     except RuntimeError:
         done: Future[T] = Future()
         try:
@@ -100,29 +97,31 @@ def finish(futures: Sequence[Future[Any]]) -> None:
         raise interrupted
 
 
-def run_all(tasks: Sequence[Callable[[], T]], on: Any = _DEFAULT) -> list[T]:
-    """Run ``tasks`` on the I/O pool (``on=None``: one after another, here) and return their
-    results in order. Every task has finished when this returns or raises (none is left
+def run_all(tasks: Sequence[Callable[[], T]], concurrent: bool = True) -> list[T]:
+    """Run ``tasks`` on the I/O pool (``concurrent=False``: one after another, here) and return
+    their results in order. Every task has finished when this returns or raises (none is left
     writing into a caller's buffer); the first failure, in task order, is raised."""
-    pool = io_pool() if on is _DEFAULT else on
-    if pool is None or len(tasks) == 1 or in_io_thread():
+    if not concurrent or len(tasks) == 1 or in_io_thread():
         return [t() for t in tasks]
-    futures = [submit(t, pool=pool) for t in tasks]
+    futures = [submit(t) for t in tasks]
     finish(futures)
     for f in futures:
-        if f.cancelled():
-            raise RuntimeError("cancelled")
         if f.exception() is not None:
             raise f.exception()  # type: ignore[misc]
     return [f.result() for f in futures]
 
 
-def parts(offset: int, length: int, size: int, align: int = 1) -> Iterator[tuple[int, int]]:
-    """(offset, length) pieces of ``[offset, offset+length)``, each about ``size`` bytes and
-    starting on a multiple of ``align`` from ``offset``."""
-    step = max(align, size // align * align)
-    for start in range(0, length, step):
-        yield offset + start, min(step, length - start)
+def parts(offset: int, length: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) pieces of ``[offset, offset+length)``, ``size`` long but the last (in
+    bytes, or in chunks)."""
+    for start in range(0, length, size):
+        yield offset + start, min(size, length - start)
+
+
+def is_s3(fs: Any) -> bool:
+    """Whether ``fs`` is s3fs's filesystem, whose S3 calls encfs makes itself (ranged reads with
+    ``If-Match``, concurrent multipart uploads). The one place encfs decides it."""
+    return type(fs).__name__ == "S3FileSystem"
 
 
 def _fresh(fs: Any) -> Any:
@@ -200,7 +199,7 @@ def _ranged_get(fs: Any, path: str, start: int, end: int, etag: str | None) -> b
     """Bytes ``start..end`` of ``path``. On S3, with the ETag the object had when it was opened
     (``If-Match``), so that a replaced object is an error (s3fs's ``FileExpired``), as its own
     file objects make it; elsewhere ``cat_file``."""
-    if etag is not None and type(fs).__name__ == "S3FileSystem":
+    if etag is not None and is_s3(fs):
         from s3fs.core import _fetch_range
         from s3fs.utils import FileExpired
 

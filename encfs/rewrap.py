@@ -117,6 +117,8 @@ def rewrap(
 ) -> RewrapResult:
     """Add recipients and/or remove stanzas (by label ``type:keyidhex`` or key id hex).
     ``header_length``: grow the header to this length (a rewrite) when the stanzas need it."""
+    if header_length is not None:
+        fmt.check_header_length(header_length)
     with naming(path):
         if is_local(fs):
             return _rewrap_local(fs._strip_protocol(path), keyring, add, remove, in_place, header_length)

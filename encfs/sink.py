@@ -24,7 +24,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from .copying import write_all
-from .remote import finish, part_size, submit
+from .remote import finish, is_s3, part_size, submit
 
 TEMP_MARK = ".encfs-tmp-"
 STALE_AFTER = 60.0
@@ -373,7 +373,7 @@ def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None, 
     if exclusive and fs.exists(path):
         raise FileExistsError(path)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if type(fs).__name__ == "S3FileSystem":
+    if is_s3(fs):
         return S3UploadSink(fs, path, block_size)
     if protocols & _TRANSACTIONAL:
         return UploadSink(fs, path, block_size)

@@ -6,9 +6,9 @@ into the window, or ``readahead`` chunks when the read continues where the last 
 (sequential). A chunk-aligned read of whole chunks bypasses the window and decrypts straight
 into the caller's buffer (on a remote target only a read of a whole window or more, so that
 small reads still fetch whole windows, one request each; a longer one is fetched in concurrent
-parts, up to 64 MiB per call, without read-ahead). The window lives in a ``SecureBuffer`` (locked, out of core dumps)
-and is wiped when the file closes; its ``ReadAhead`` (ciphertext buffers, background fetch on
-remote targets) is this stream's, per process.
+parts, up to 64 MiB per call, without read-ahead). The window lives in a ``SecureBuffer``
+(locked, out of core dumps) and is wiped when the file closes; its ``ReadAhead`` (ciphertext
+buffers, background fetch on remote targets) is this stream's, per process.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from encfs.cobblestone import CHUNK_SIZE
-from encfs.remote import io_pool, run_all
+from encfs.remote import run_all
 from encfs.securemem import SecureBuffer
 
 from .pool import Lease, pool
@@ -90,15 +90,16 @@ def run_bytes(shards: ShardSet, run: Run) -> int:
 
 def _decrypt_runs(shards: ShardSet, runs: list[Run]) -> tuple[np.ndarray, Lease]:
     """One pooled buffer holding every run, each filled by one ``read_chunks`` call (on an
-    object store, the runs' requests in flight together): the uint8 array over it and its lease. Wiped (and back to the pool) if any run fails (an
-    IntegrityError names the file and the chunk)."""
+    object store, the runs' requests in flight together): the uint8 array over it and its
+    lease. Wiped (and back to the pool) if any run fails (an IntegrityError names the file and
+    the chunk)."""
     total = sum(run_bytes(shards, r) for r in runs)
     array, lease = pool().lease(total)
     try:
         with memoryview(lease.buffer) as view:
             tasks = [lambda r=r: shards.read_chunks(r.shard, r.first, r.count, view[r.offset : r.offset + run_bytes(shards, r)]) for r in runs]
             remote = any(getattr(shards.reader(k), "remote", False) for k in {r.shard for r in runs})
-            run_all(tasks, on=io_pool() if remote else None)
+            run_all(tasks, concurrent=remote)
     except BaseException:
         lease.wipe()
         raise

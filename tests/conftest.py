@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,32 @@ def require_native() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"encfs._native is not built, and CI=true requires it: {exc}", pytrace=False)
         pytest.skip(f"encfs._native is not built ({exc}); 'pip install -e .' with gcc and libssl-dev", allow_module_level=True)
+
+
+HANG_GUARD_S = 300  # only to turn a deadlock into a failure instead of a stuck CI job
+
+
+def run_threads(n: int, fn, timeout: float = HANG_GUARD_S) -> list[str]:
+    """Run ``fn(i)`` in ``n`` threads started together; return their failure messages. A thread
+    still running after ``timeout`` seconds fails the test (a deadlock, not a stuck CI job)."""
+    failures: list[str] = []
+    barrier = threading.Barrier(n)
+
+    def body(i: int) -> None:
+        try:
+            barrier.wait()
+            fn(i)
+        except BaseException as e:  # collected, reported by the test
+            failures.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"threads still running after {timeout} s (deadlock?): {stuck}"
+    return failures
 
 
 def seal_span(key: bytes, nonce: bytes, first: int, pt: bytes, final: bool) -> bytearray:

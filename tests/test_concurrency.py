@@ -23,11 +23,10 @@ from encfs.filesystem import EncFileSystem
 from encfs.keys import KeyRing, X25519Identity
 from encfs.rewrap import rewrap
 
-from .conftest import require_native
+from .conftest import require_native, run_threads
 
 BACKENDS = ["python", "native", "auto"]
 THREADS = 16
-HANG_GUARD_S = 300  # only to turn a deadlock into a failure instead of a stuck CI job
 
 
 def plaintext(n: int, salt: int = 0) -> bytes:
@@ -53,28 +52,6 @@ def locate(pt: bytes, data: bytes, salt: int = 0) -> int | None:
 def _backend(backend: str) -> None:
     if backend != "python":
         require_native()
-
-
-def run_threads(n: int, fn) -> list[str]:
-    """Run ``fn(i)`` in ``n`` threads started together; return their failure messages."""
-    failures: list[str] = []
-    barrier = threading.Barrier(n)
-
-    def body(i: int) -> None:
-        try:
-            barrier.wait()
-            fn(i)
-        except BaseException as e:  # collected, reported by the test
-            failures.append(f"thread {i}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(HANG_GUARD_S)
-    stuck = [t.name for t in threads if t.is_alive()]
-    assert not stuck, f"threads still running after {HANG_GUARD_S} s (deadlock?): {stuck}"
-    return failures
 
 
 SIZE = 40 * cs.CHUNK_SIZE + 1000  # 41 chunks: long spans go to the native backend under auto

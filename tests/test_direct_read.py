@@ -9,14 +9,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .conftest import require_native, seal_span, write_key
+from .conftest import require_native, run_threads, seal_span, write_key
 
 require_native()
 
@@ -162,30 +161,21 @@ def test_many_python_threads_share_the_pool(tmp_path):
         (tmp_path / f"s{i}").write_bytes(ct)
         spans.append((i * 1000, pt, ct, tmp_path / f"s{i}"))
     cipher = native(threads=2)
-    errors: list[BaseException] = []
 
     def work(k: int) -> None:
+        first, pt, ct, path = spans[k % len(spans)]
+        fd = os.open(path, os.O_RDONLY)
         try:
-            first, pt, ct, path = spans[k % len(spans)]
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for _ in range(30):
-                    out = bytearray(len(pt))
-                    assert cipher.pread_decrypt_into(fd, 0, first, len(ct), memoryview(out)) == len(pt) and out == pt
-                    out2 = bytearray(len(pt))
-                    assert cipher.decrypt_into(first, memoryview(ct), memoryview(out2)) == len(pt) and out2 == pt
-            finally:
-                os.close(fd)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+            for _ in range(30):
+                out = bytearray(len(pt))
+                assert cipher.pread_decrypt_into(fd, 0, first, len(ct), memoryview(out)) == len(pt) and out == pt
+                out2 = bytearray(len(pt))
+                assert cipher.decrypt_into(first, memoryview(ct), memoryview(out2)) == len(pt) and out2 == pt
+        finally:
+            os.close(fd)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a batch hung"
-    assert not errors, errors[0]
+    failures = run_threads(12, work, timeout=60)
+    assert not failures, failures[0]
 
 
 _FORK_CHILD = """

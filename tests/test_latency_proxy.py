@@ -5,12 +5,12 @@ from __future__ import annotations
 import http.client
 import os
 import socket
-import threading
 import time
 from urllib.parse import urlsplit
 
 import pytest
 
+from .conftest import run_threads
 from tests.latency_proxy import LatencyProxy
 
 s3fs = pytest.importorskip("s3fs")
@@ -144,24 +144,16 @@ def test_concurrent_ranged_reads(bucket, s3_endpoint):
     direct, name = bucket
     data = os.urandom(MiB)
     direct.pipe_file(f"{name}/cc", data)
-    errors: list[BaseException] = []
     with LatencyProxy(s3_endpoint, latency=0.01) as p:
         fs = _fs(p.url)
 
         def work(k: int) -> None:
-            try:
-                for j in range(5):
-                    start = (k * 5 + j) * 12_000
-                    assert fs.cat_file(f"{name}/cc", start=start, end=start + 9_000) == data[start : start + 9_000]
-            except BaseException as exc:  # noqa: BLE001 - reported to the main thread
-                errors.append(exc)
+            for j in range(5):
+                start = (k * 5 + j) * 12_000
+                assert fs.cat_file(f"{name}/cc", start=start, end=start + 9_000) == data[start : start + 9_000]
 
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert not errors
+        failures = run_threads(16, work, timeout=30)
+        assert not failures, failures
         assert p.count("GET") == 80
 
 
