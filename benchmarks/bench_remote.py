@@ -99,6 +99,9 @@ opts = json.loads(sys.argv[2])
 fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts["s3"])
 enc = EncFileSystem(fs=fs, key=opts["key"], skip_instance_cache=True)
 what, B = sys.argv[1], opts["bucket"]
+if what.endswith("-parquet"):
+    import pyarrow.dataset as ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 t = time.perf_counter()
 n = 0
 if what in ("s3fs-seq", "encfs-seq"):
@@ -124,8 +127,6 @@ elif what in ("s3fs-random", "encfs-random"):
         n += len(f.read(150_000))
     f.close()
 elif what in ("s3fs-parquet", "encfs-parquet"):
-    import pyarrow.dataset as ds
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
     src = fs if what == "s3fs-parquet" else enc
     table = ds.dataset(f"{{B}}/{{'pq-plain' if what == 's3fs-parquet' else 'pq-enc'}}", filesystem=PyFileSystem(FSSpecHandler(src)), format="parquet").to_table(use_threads=False)
     n = table.nbytes

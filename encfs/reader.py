@@ -107,7 +107,9 @@ class ChunkReader:
         """(file offset, length) of the ciphertext of chunks ``first .. first+count-1``."""
         return self.header_length + cs.chunk_offset(first), self.span(first, count)[0]
 
-    def read_chunks(self, first: int, count: int, out: memoryview, ahead: ReadAhead | None = None, sequential: bool = False) -> int:
+    def read_chunks(
+        self, first: int, count: int, out: memoryview, ahead: ReadAhead | None = None, sequential: bool = False, head: memoryview | None = None
+    ) -> int:
         """Open chunks ``first .. first+count-1`` into ``out``; return the plaintext bytes (all
         verified). A failed chunk raises ``IntegrityError`` (its ``offset`` is the absolute
         plaintext offset where verified data ends; ``out`` is zeroed from there on).
@@ -115,15 +117,19 @@ class ChunkReader:
         Safe to call from several threads at once. A caller reading a stream (a file object,
         under its own lock) passes its ``ReadAhead``: ciphertext buffers are reused, and with
         ``sequential`` a remote target's next spans are fetched in the background. Without one,
-        a long span of a remote target is fetched in concurrent parts, each opened as it lands."""
+        a long span of a remote target is fetched in concurrent parts, each opened as it lands.
+
+        ``head`` (remote targets, no ``ahead``): chunk ``first`` is opened into ``head`` and the
+        rest from the start of ``out``, all fetched as one span: a long read that starts inside
+        a chunk costs no extra request for that chunk."""
         with naming(self.name), self._in_use():
             offset, ct_len = self._ct_range(first, count)
+            if head is not None or (ahead is None and self.remote and ct_len > part_size()):
+                return self._fetch_and_open(first, count, out, head)
             if self._pread_min is not None and count >= self._pread_min:
                 fd = self._target.fd
                 assert fd is not None
                 return self._cipher.pread_decrypt_into(fd, offset, first, ct_len, out)
-            if ahead is None and self.remote and ct_len > part_size():
-                return self._fetch_and_open(first, count, out)
             return self._cipher.decrypt_into(first, self._fetch(first, count, ahead, sequential), out)
 
     @property
@@ -131,26 +137,43 @@ class ChunkReader:
         """True when reads are ranged requests to an object store (``remote.RemoteObject``)."""
         return isinstance(self._target, RemoteObject)
 
-    def _fetch_and_open(self, first: int, count: int, out: memoryview) -> int:
+    def _fetch_and_open(self, first: int, count: int, out: memoryview, head: memoryview | None = None) -> int:
         """A long span of a remote file: its parts fetched concurrently, each opened into its
-        slice of ``out`` as it lands. Every part has finished before this returns; from the
-        first part that failed (in file order) on, ``out`` is zeroed."""
+        place as it lands (chunk ``first`` into ``head`` if given, the others into ``out``).
+        Every part has finished before this returns; from the first chunk that failed (in file
+        order) on, ``out`` (and ``head``, if that chunk is the first) is zeroed."""
+        if not self.remote:
+            raise ValueError("a span with a separate head chunk is read from remote targets only")
+        skip = 0 if head is None else 1
 
         def part(pfirst: int, pcount: int) -> int:
-            ct = self.fetch_into(pfirst, pcount, bytearray(self.span(pfirst, pcount)[0]))
-            pt_off = (pfirst - first) * cs.CHUNK_SIZE
-            return self._cipher.decrypt_into(pfirst, ct, out[pt_off : pt_off + self.span(pfirst, pcount)[1]])
+            offset, ct_len = self._ct_range(pfirst, pcount)
+            ct = memoryview(self._target.get(offset, ct_len))
+            got = 0
+            if skip and pfirst == first:
+                ct_one, pt_one = self.span(first, 1)
+                got = self._cipher.decrypt_into(first, ct[:ct_one], head[:pt_one])
+                ct, pfirst, pcount = ct[ct_one:], first + 1, pcount - 1
+            if pcount:
+                pt_off = (pfirst - first - skip) * cs.CHUNK_SIZE
+                got += self._cipher.decrypt_into(pfirst, ct, out[pt_off : pt_off + self.span(pfirst, pcount)[1]])
+            return got
 
         plan = parts(first, count, max(1, part_size() // cs.CT_CHUNK_SIZE))
         try:
             return sum(run_all([lambda pf=pf, pc=pc: part(pf, pc) for pf, pc in plan]))
         except IntegrityError as e:
-            verified = (e.chunk_index - first) * cs.CHUNK_SIZE if e.chunk_index is not None else 0
+            bad = first if e.chunk_index is None else e.chunk_index
+            verified = max(0, bad - first - skip) * cs.CHUNK_SIZE
             cleanse(out[verified:])
+            if head is not None and bad == first:
+                cleanse(head)
             e.verified_bytes = verified
             raise
         except BaseException:
             cleanse(out)
+            if head is not None:
+                cleanse(head)
             raise
 
     @contextlib.contextmanager

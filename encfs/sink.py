@@ -9,6 +9,7 @@ object beside the destination, then ``mv``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import posixpath
@@ -17,7 +18,7 @@ import stat
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol
 
 from fsspec import AbstractFileSystem
@@ -235,25 +236,65 @@ def _mtime(entry: dict) -> float | None:
 
 
 class UploadSink:
-    """An upload committed explicitly; ``discard`` aborts the multipart upload."""
+    """An upload committed explicitly (GCS, Azure: the target's ``autocommit=False`` file);
+    ``discard`` aborts it. Blocks of ``part_size()`` go to the target file on a thread of their
+    own, in order, while the writer encrypts the next ones (at most ``inflight`` blocks held):
+    these stores take a resumable upload's pieces one after another, so upload and encryption
+    overlap rather than the pieces. A failed block fails the next write, or the commit."""
 
-    def __init__(self, fs: AbstractFileSystem, path: str, block_size: int | None):
+    def __init__(self, fs: AbstractFileSystem, path: str, block_size: int | None, inflight: int = 2):
         kw = {"block_size": block_size} if block_size else {}
         self._f = fs.open(path, "wb", autocommit=False, **kw)
+        self.block = max(block_size or 0, part_size())
+        self.inflight = inflight
+        self._buf = bytearray()
+        self._pending: deque[Future[None]] = deque()
+        self._uploader: ThreadPoolExecutor | None = None
 
     def write(self, data: bytes | memoryview) -> int:
-        write_all(self._f, memoryview(data))
+        self._buf += data
+        while len(self._buf) >= self.block:
+            self._send(bytes(self._buf[: self.block]))
+            del self._buf[: self.block]
         return len(data)
 
+    def _send(self, block: bytes) -> None:
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self.inflight):
+            finish([self._pending[0]])
+            self._pending.popleft().result()
+        if self._uploader is None:
+            self._uploader = ThreadPoolExecutor(1, thread_name_prefix="encfs-upload")
+        self._pending.append(self._uploader.submit(write_all, self._f, memoryview(block)))
+
+    def _drain(self) -> None:
+        """Wait for every block sent; raise the first failure."""
+        try:
+            finish(list(self._pending))
+            for fut in self._pending:
+                fut.result()
+        finally:
+            self._pending.clear()
+            if self._uploader is not None:
+                self._uploader.shutdown(wait=False)
+                self._uploader = None
+
     def commit(self) -> None:
+        self._drain()
+        write_all(self._f, memoryview(bytes(self._buf)))
+        self._buf = bytearray()
         self._f.close()
         self._f.commit()
 
     def discard(self) -> None:
+        self._buf = bytearray()
         try:
-            self._f.discard()
+            with contextlib.suppress(Exception):  # (the error that brought us here is the one raised)
+                self._drain()
         finally:
-            self._f.closed = True
+            try:
+                self._f.discard()
+            finally:
+                self._f.closed = True
 
 
 class S3UploadSink:

@@ -17,8 +17,7 @@ from . import cobblestone as cs
 from .errors import IntegrityError
 from .forking import ForkLocal
 from .reader import ChunkReader, ReadAhead
-from .remote import finish, submit
-from .securemem import SecureBuffer, cleanse
+from .securemem import SecureBuffer
 
 
 REMOTE_DIRECT = 4096
@@ -82,45 +81,43 @@ class PlaintextWindow:
         return got
 
     def _split(self, pos: int, first: int, out: memoryview) -> int:
-        """A long unaligned read of a remote file: the chunk under ``pos`` into the window and
-        the whole chunks after it straight into ``out``, fetched at the same time (one round
-        trip, not two). Nothing after a failed chunk is left in ``out``."""
+        """A long unaligned read of a remote file: the chunk under ``pos`` and the whole chunks
+        after it fetched as one span in concurrent parts, that chunk opened into the window and
+        the others straight into ``out``. Nothing after a failed chunk is left in ``out``."""
         head = cs.CHUNK_SIZE - pos % cs.CHUNK_SIZE
         count = min((len(out) - head) // cs.CHUNK_SIZE, self._r.chunks - first - 1, REMOTE_DIRECT)
+        window = self._claim(first, 1)
         tail = out[head : head + self._r.span(first + 1, count)[1]]
-        filling = submit(self._fill, pos, head, False)  # (the long part stays here: its parts go to the pool)
         try:
-            rest: int | BaseException = self._r.read_chunks(first + 1, count, tail)
-        except BaseException as e:
-            rest = e
-        try:
-            finish([filling])
-            filling.result()
-        except BaseException:
-            cleanse(tail)
-            raise
+            self._r.read_chunks(first, count + 1, tail, head=window)
+            rest = len(tail)
+        except IntegrityError as e:
+            if e.chunk_index in (None, first):
+                raise
+            rest = e.verified_bytes
+        self._len = len(window)
         got = self._copy(pos, out[:head])
-        if isinstance(rest, IntegrityError):
-            rest = (rest.offset or 0) - (first + 1) * cs.CHUNK_SIZE
-        elif isinstance(rest, BaseException):
-            cleanse(tail)
-            raise rest
         self._next = pos + got + rest
         return got + rest
 
-    def _fill(self, pos: int, want: int, sequential: bool | None = None) -> None:
-        first = pos // cs.CHUNK_SIZE
-        last = min((pos + want - 1) // cs.CHUNK_SIZE, self._r.chunks - 1)
-        sequential = pos == self._next if sequential is None else sequential
-        count = max(last - first + 1, self.readahead if sequential else 1)
-        count = min(count, self._r.chunks - first, self.readahead)
+    def _claim(self, first: int, count: int) -> memoryview:
+        """The window's buffer, emptied and placed at chunk ``first``, for ``count`` chunks."""
         pt = self._r.span(first, count)[1]
         if self._buf is None or len(self._buf) < pt:
             self._drop()
             self._buf = SecureBuffer(pt)
         self._start, self._len = first * cs.CHUNK_SIZE, 0
+        return memoryview(self._buf)[:pt]
+
+    def _fill(self, pos: int, want: int) -> None:
+        first = pos // cs.CHUNK_SIZE
+        last = min((pos + want - 1) // cs.CHUNK_SIZE, self._r.chunks - 1)
+        sequential = pos == self._next
+        count = max(last - first + 1, self.readahead if sequential else 1)
+        count = min(count, self._r.chunks - first, self.readahead)
+        window = self._claim(first, count)
         try:
-            self._len = self._r.read_chunks(first, count, memoryview(self._buf)[:pt], self._ahead.get(), sequential)
+            self._len = self._r.read_chunks(first, count, window, self._ahead.get(), sequential)
         except IntegrityError as e:
             self._len = max(0, (e.offset or 0) - self._start)
             if pos >= self._start + self._len:
