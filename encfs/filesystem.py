@@ -76,6 +76,11 @@ class EncFileSystem(ChainedFileSystem):
         the files whose size cannot be an encfs file of that header length; a file's true header
         length is always read when it is opened. ``"auto"`` (default): ``probe`` on local disk or
         with ``allow_plaintext``, ``assume`` elsewhere.
+    durable:
+        On local disk, ``fsync`` each file (and its directory) before it appears (default True):
+        a file that appeared survives a power cut. ``False`` keeps writes atomic for other
+        processes and for a crash of this one, not for a crash of the machine; for scratch data
+        that can be written again (benchmarks/RESULTS.md gives what it saves).
     """
 
     protocol = "encfs"
@@ -97,6 +102,7 @@ class EncFileSystem(ChainedFileSystem):
         readahead: int = DEFAULT_READAHEAD,
         header_length: int = fmt.STANDARD_HEADER,
         list_sizes: str = "auto",
+        durable: bool = True,
         **kwargs: Any,
     ):
         kwargs.pop("fo", None)
@@ -109,6 +115,7 @@ class EncFileSystem(ChainedFileSystem):
         self.allow_plaintext = allow_plaintext
         self.backend_name = backend
         self.readahead = readahead
+        self.durable = bool(durable)
         self.header_length = fmt.check_header_length(header_length)
         if list_sizes not in LIST_SIZES:
             raise ConfigError(f"list_sizes must be one of {', '.join(LIST_SIZES)}, not {list_sizes!r}")
@@ -362,7 +369,7 @@ class EncFileSystem(ChainedFileSystem):
             return EncryptedReader(self, path, reader, readahead=kwargs.get("readahead", self.readahead))
         if mode in ("wb", "xb"):
             with naming(path):
-                sink = open_sink(self.fs, path, block_size, exclusive=mode == "xb")
+                sink = open_sink(self.fs, path, block_size, exclusive=mode == "xb", durable=self.durable)
                 return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend, header_length=self.header_length), mode, autocommit=autocommit)
         if "a" in mode:
             raise NotImplementedError(
@@ -445,7 +452,7 @@ class EncFileSystem(ChainedFileSystem):
 
 ENCFS_OPTIONS = (
     "target_protocol", "target_options", "fs", "key", "recipients", "identities", "allow_plaintext", "backend", "readahead",
-    "header_length", "list_sizes",
+    "header_length", "list_sizes", "durable",
 )
 LIST_SIZES = ("auto", "probe", "assume")
 KEY_MATERIAL_MARKS = ("encfs-key-v1:", "encfs-x25519-identity-v1:")

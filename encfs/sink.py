@@ -1,6 +1,7 @@
 """Atomic destinations: a ciphertext appears at its path whole, or not at all.
 
-Local disk: a hidden temporary file beside the destination, fsync, ``os.replace``.
+Local disk: a hidden temporary file beside the destination, fsync (unless not ``durable``),
+``os.replace``.
 S3: a multipart upload of our own, parts sent concurrently, completed on commit and aborted on
 error. Other object stores with transactional uploads (GCS, Azure): ``autocommit=False`` and an
 explicit commit; on error the upload is aborted. Anything else: a temporary
@@ -9,7 +10,6 @@ object beside the destination, then ``mv``.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import posixpath
@@ -17,15 +17,15 @@ import secrets
 import stat
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Callable, Protocol
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from .copying import write_all
-from .remote import finish, is_s3, part_size, submit
+from .pipeline import Pipeline
+from .remote import is_s3, part_size
 
 TEMP_MARK = ".encfs-tmp-"
 STALE_AFTER = 60.0
@@ -75,8 +75,8 @@ class LocalSink:
     target; anyone else's symlink is replaced, never followed (a planted link must not
     redirect a write). ``hold=True`` keeps the lock after commit until ``release()``."""
 
-    def __init__(self, path: str, exclusive: bool = False, mode: int | None = None, hold: bool = False):
-        self._hold = hold
+    def __init__(self, path: str, exclusive: bool = False, mode: int | None = None, hold: bool = False, durable: bool = True):
+        self._hold, self.durable = hold, durable
         if os.path.islink(path) and os.lstat(path).st_uid == os.getuid():
             path = os.path.realpath(path)
         self.path = os.path.abspath(path)
@@ -102,13 +102,16 @@ class LocalSink:
     def commit(self) -> None:
         self._f.flush()
         os.fchmod(self._f.fileno(), self.mode)
-        os.fsync(self._f.fileno())
+        if self.durable:
+            os.fsync(self._f.fileno())
         if self.exclusive:
             self._link_exclusive()
         else:
             os.replace(self.tmp, self.path)
         if not self._hold:
             self._f.close()
+        if not self.durable:
+            return
         try:
             dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         except OSError:
@@ -246,40 +249,18 @@ class UploadSink:
         kw = {"block_size": block_size} if block_size else {}
         self._f = fs.open(path, "wb", autocommit=False, **kw)
         self.block = max(block_size or 0, part_size())
-        self.inflight = inflight
         self._buf = bytearray()
-        self._pending: deque[Future[None]] = deque()
-        self._uploader: ThreadPoolExecutor | None = None
+        self._uploads = Pipeline(inflight, "encfs-upload")
 
     def write(self, data: bytes | memoryview) -> int:
         self._buf += data
         while len(self._buf) >= self.block:
-            self._send(bytes(self._buf[: self.block]))
+            self._uploads.put(write_all, self._f, memoryview(bytes(self._buf[: self.block])))
             del self._buf[: self.block]
         return len(data)
 
-    def _send(self, block: bytes) -> None:
-        while self._pending and (self._pending[0].done() or len(self._pending) >= self.inflight):
-            finish([self._pending[0]])
-            self._pending.popleft().result()
-        if self._uploader is None:
-            self._uploader = ThreadPoolExecutor(1, thread_name_prefix="encfs-upload")
-        self._pending.append(self._uploader.submit(write_all, self._f, memoryview(block)))
-
-    def _drain(self) -> None:
-        """Wait for every block sent; raise the first failure."""
-        try:
-            finish(list(self._pending))
-            for fut in self._pending:
-                fut.result()
-        finally:
-            self._pending.clear()
-            if self._uploader is not None:
-                self._uploader.shutdown(wait=False)
-                self._uploader = None
-
     def commit(self) -> None:
-        self._drain()
+        self._uploads.drain()
         write_all(self._f, memoryview(bytes(self._buf)))
         self._buf = bytearray()
         self._f.close()
@@ -288,8 +269,7 @@ class UploadSink:
     def discard(self) -> None:
         self._buf = bytearray()
         try:
-            with contextlib.suppress(Exception):  # (the error that brought us here is the one raised)
-                self._drain()
+            self._uploads.abandon()
         finally:
             try:
                 self._f.discard()
@@ -308,11 +288,10 @@ class S3UploadSink:
         self.fs, self.path = fs, path
         self.bucket, self.key, _ = fs.split_path(path)  # type: ignore[attr-defined]
         self.first_part = max(S3_MIN_PART, part or part_size())
-        self.inflight = inflight
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._parts: list[Future[dict]] = []
-        self._running: deque[Future[dict]] = deque()
+        self._uploads = Pipeline(inflight, ordered=False)
 
     @property
     def part(self) -> int:
@@ -332,12 +311,7 @@ class S3UploadSink:
             self._upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]  # type: ignore[attr-defined]
         if len(self._parts) >= S3_MAX_PARTS:
             raise OSError(f"{self.path}: more than {S3_MAX_PARTS} parts; S3 refuses the object")
-        while self._running and (self._running[0].done() or len(self._running) >= self.inflight):
-            finish([self._running[0]])
-            self._running.popleft().result()
-        fut = submit(self._upload, len(self._parts) + 1, body)
-        self._parts.append(fut)
-        self._running.append(fut)
+        self._parts.append(self._uploads.put(self._upload, len(self._parts) + 1, body))
 
     def _upload(self, number: int, body: bytes) -> dict:
         out = self.fs.call_s3(  # type: ignore[attr-defined]
@@ -351,7 +325,7 @@ class S3UploadSink:
         else:
             if self._buf or not self._parts:
                 self._send(bytes(self._buf))
-            finish(self._parts)
+            self._uploads.drain()
             parts = [f.result() for f in self._parts]
             self.fs.call_s3(  # type: ignore[attr-defined]
                 "complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
@@ -362,7 +336,7 @@ class S3UploadSink:
     def discard(self) -> None:
         self._buf = bytearray()
         try:
-            finish(self._parts)
+            self._uploads.abandon()
         finally:
             if self._upload_id is not None:
                 upload_id, self._upload_id = self._upload_id, None
@@ -406,11 +380,12 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None, exclusive: bool = False) -> Sink:
+def open_sink(fs: AbstractFileSystem, path: str, block_size: int | None = None, exclusive: bool = False, durable: bool = True) -> Sink:
     """An atomic sink for ``path``. ``exclusive`` refuses an existing destination: atomically
-    on local disk, by an up-front check elsewhere (object stores have no portable create-if-absent)."""
+    on local disk, by an up-front check elsewhere (object stores have no portable create-if-absent).
+    ``durable``: on local disk, fsync the file and its directory before it counts as written."""
     if is_local(fs):
-        return LocalSink(fs._strip_protocol(path), exclusive)
+        return LocalSink(fs._strip_protocol(path), exclusive, durable=durable)
     if exclusive and fs.exists(path):
         raise FileExistsError(path)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)

@@ -1,14 +1,18 @@
 """Writing an encrypted file: ``PayloadWriter`` seals a plaintext stream into ``header ||
 payload`` on a sink; ``EncryptedWriter`` is its file object.
 
-Memory is bounded by one block of chunks whatever the file size. Plaintext waiting for a
-whole block sits in locked memory that is wiped when the writer ends; whole blocks written at
-once are sealed straight from the caller's buffer.
+Memory is bounded by one block of plaintext and two of ciphertext whatever the file size.
+Plaintext waiting for a whole block sits in locked memory that is wiped when the writer ends;
+whole blocks written at once are sealed straight from the caller's buffer. A block's
+ciphertext is written to the sink on a thread of its own while the next block is encrypted
+(``pipeline.Pipeline``, one write in flight), so encryption and I/O overlap; a file of one
+block is written here, with no thread.
 
 One vocabulary from the file object down to the sink: ``commit`` makes the destination
 appear, ``discard`` throws the file away (nothing appears). The writer's state is kept once,
 in ``PayloadWriter.state``: a failure poisons it (the sink is discarded at once and every
 later call raises), so a caller that ignores an error cannot commit a file with a hole in it.
+A block written in the background fails the call that seals the next block, or ``seal``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .backend import CipherBackend, get_backend, split_plaintext
 from .errors import EncfsError, naming
 from .keys import KeyRing, new_file_key
 from .owner import closed_by_failing_owner, stack_at_open
+from .pipeline import Pipeline
 from .securemem import SecureBuffer
 from .sink import Sink
 
@@ -46,7 +51,9 @@ class PayloadWriter:
         self._block = block_chunks * cs.CHUNK_SIZE
         self._pending: SecureBuffer | None = None
         self._fill = 0
-        self._out = bytearray(block_chunks * cs.CT_CHUNK_SIZE)
+        self._outs = (bytearray(block_chunks * cs.CT_CHUNK_SIZE), bytearray(block_chunks * cs.CT_CHUNK_SIZE))
+        self._blocks = 0
+        self._writes = Pipeline(1, "encfs-write")
         self.plaintext_written = 0
         self.state = OPEN
         self._failure: BaseException | None = None
@@ -111,9 +118,16 @@ class PayloadWriter:
         chunks = split_plaintext(len(plain), final)
         if self._index + chunks > cs.MAX_CHUNKS:
             raise ValueError("file too large for Cobblestone-256 (2**38 chunks)")
-        n = self._cipher.encrypt_into(self._index, plain, memoryview(self._out), final)
-        self._sink.write(memoryview(self._out)[:n])
+        out = memoryview(self._outs[self._blocks % 2])
+        n = self._cipher.encrypt_into(self._index, plain, out, final)
+        if final and not self._writes:
+            self._sink.write(out[:n])
+        else:
+            self._writes.put(self._sink.write, out[:n])
+        self._blocks += 1
         self._index += chunks
+        if final:
+            self._writes.drain()
 
     def seal(self) -> None:
         """Seal the final chunk; the destination appears only on ``commit()``."""
@@ -151,9 +165,12 @@ class PayloadWriter:
 
     def _end(self) -> None:
         try:
-            self._sink.discard()
+            self._writes.abandon()
         finally:
-            self._wipe()
+            try:
+                self._sink.discard()
+            finally:
+                self._wipe()
 
     def _wipe(self) -> None:
         self._cipher.close()

@@ -210,15 +210,18 @@ class _FlakySink:
 
 def test_writer_is_poisoned_by_a_failed_write(tmp_path, keyref):
     """From the first review (tests/test_review_fixes.py, commit 927ed62): a failed write (full disk)
-    poisons the writer: later writes and ``close()`` raise, nothing appears.
+    poisons the writer: later writes and ``close()`` raise, nothing appears. A block is written
+    in the background while the next is encrypted, so its failure is raised by the write that
+    sealed it or, at the latest, by the next block's write or the final ``seal``.
     """
     from encfs.sink import LocalSink
     from encfs.writer import PayloadWriter
 
     (tmp_path / "f").write_bytes(b"previous")
     w = PayloadWriter(_FlakySink(LocalSink(str(tmp_path / "f"))), KeyRing(keyref), block_chunks=1)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space"):
         w.write(b"x" * 20000)
+        w.seal()
     with pytest.raises(EncfsError, match="earlier write failed"):
         w.write(b"more")
     with pytest.raises(EncfsError, match="earlier write failed"):

@@ -376,7 +376,9 @@ def test_s3_multipart_upload_grows_its_parts_to_stay_within_10000(monkeypatch):
             f.set_result(fn(*args))  # a refused part raises here, from the write that sent it
             return f
 
-    monkeypatch.setattr(sink_mod, "submit", lambda fn, *args: Inline().submit(fn, *args))
+    from encfs import pipeline
+
+    monkeypatch.setattr(pipeline, "submit", lambda fn, *args: Inline().submit(fn, *args))
     fake = _FakeS3()
     s = sink_mod.S3UploadSink(fake, "bucket/key", part=1024)
     block = os.urandom(1024)

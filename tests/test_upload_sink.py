@@ -146,6 +146,6 @@ def test_the_writer_holds_at_most_inflight_blocks(parts, keyref):
     sink = UploadSink(fake, "b/y", None, inflight=2)
     for _ in range(6):
         sink.write(b"z" * PART)
-        assert len(sink._pending) <= 2
+        assert len(sink._uploads) <= 2
     sink.commit()
     assert fake.store["b/y"] == b"z" * 6 * PART
