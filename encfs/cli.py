@@ -1,4 +1,4 @@
-"""The ``encfs`` command: keygen, pubkey, key id, encrypt, decrypt, ls, cat, verify, inspect, rewrap, clean, doctor.
+"""The ``encfs`` command: keygen, pubkey, key id, encrypt, decrypt, ls, cat, verify, inspect, rewrap, clean, doctor, agent, audit.
 
 Errors are one line on stderr and exit status 1 (``--debug`` for a traceback). ``encrypt`` and
 ``decrypt`` take several sources or globs (``'raw/*.parquet' enc/``: the last argument is then a
@@ -1361,6 +1361,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("doctor", parents=[common], help="which cipher backend is active; whether memory locking works")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_doctor)
+
+    from . import agent  # noqa: PLC0415
+
+    sp = sub.add_parser("agent", parents=[common], help="the host's KMS key agent: start, serve, stop, clear, status")
+    agent.add_arguments(sp)
+    sp.set_defaults(func=agent.cli)
+
+    from . import audit  # noqa: PLC0415
+
+    audit.add_subcommand(sub, parents=[common])
     return p
 
 

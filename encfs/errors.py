@@ -27,11 +27,14 @@ def with_path(error: EncfsError, path: str) -> EncfsError:
 
 @contextlib.contextmanager
 def naming(path: str) -> Iterator[None]:
-    """Encfs errors raised inside the block name ``path``."""
-    try:
-        yield
-    except EncfsError as e:
-        raise with_path(e, path)
+    """Encfs errors raised inside the block name ``path``; so do its audit log lines."""
+    from .audit import file_path  # here: encfs.audit imports this module
+
+    with file_path(path):
+        try:
+            yield
+        except EncfsError as e:
+            raise with_path(e, path)
 
 
 class FormatError(EncfsError, ValueError):
@@ -90,3 +93,8 @@ class TransactionError(EncfsError):
 class FileChangedError(EncfsError, OSError):
     """The file was replaced or rewritten while it was open for reading (an object store's
     version check failed); reopen it to read the new version."""
+
+
+class AuditError(EncfsError):
+    """The audit log is on (``$ENCFS_AUDIT_LOG``, ``encfs.audit.configure``) and the line for a key
+    operation could not be written, so the operation failed (fail closed; see ``encfs.audit``)."""

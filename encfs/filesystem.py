@@ -33,7 +33,7 @@ from .keys import KeyRing
 from .keys.refs import KeySpec
 from .header import FIRST_READ
 from .reader import TAIL_CHUNKS, ChunkReader
-from .remote import PieceCache, RemoteObject, run_all
+from .remote import PieceCache, RemoteObject, fresh_instance, run_all
 from .sink import LocalSink, fill_atomically, is_local, is_temp_name, open_sink
 from .transaction import EncTransaction
 from .writer import EncryptedTextWriter, EncryptedWriter, PayloadWriter
@@ -125,6 +125,16 @@ class EncFileSystem(ChainedFileSystem):
         self._hl_lock_local: ForkLocal[threading.Lock] = ForkLocal(threading.Lock)
         self._strip_protocol = self._strip_target  # type: ignore[method-assign]
 
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The target filesystem; in a forked child, a new instance with the same options (an
+        async filesystem's client and event loop belong to the process that made them)."""
+        return self._target.get()
+
+    @fs.setter
+    def fs(self, value: AbstractFileSystem) -> None:
+        self._target: ForkLocal[AbstractFileSystem] = ForkLocal(lambda: fresh_instance(value), initial=value)
+
     # -- paths ---------------------------------------------------------------------------
     @classmethod
     def _strip_encfs(cls, path: str) -> str:
@@ -149,7 +159,7 @@ class EncFileSystem(ChainedFileSystem):
     @staticmethod
     def _version(entry: dict) -> tuple:
         """What identifies one version of a file: name, size and whatever stamp the backend gives."""
-        stamp = next((entry[k] for k in ("ETag", "generation", "mtime", "LastModified", "created") if entry.get(k) is not None), None)
+        stamp = next((entry[k] for k in VERSION_STAMPS if entry.get(k) is not None), None)
         return entry["name"], entry["size"], str(stamp)
 
     def _header_length(self, entry: dict, assume: bool = False) -> int | None:
@@ -455,6 +465,9 @@ ENCFS_OPTIONS = (
     "header_length", "list_sizes", "durable",
 )
 LIST_SIZES = ("auto", "probe", "assume")
+VERSION_STAMPS = ("ETag", "etag", "generation", "VersionId", "version_id", "mtime", "LastModified", "last_modified", "created", "creation_time")
+"""Listing fields that tell one version of a file from another, as the backends name them
+(s3fs, gcsfs, adlfs, local), strongest first."""
 KEY_MATERIAL_MARKS = ("encfs-key-v1:", "encfs-x25519-identity-v1:")
 """What key file lines start with (docs/FORMAT.md §5): a ``key=`` holding one is never routed on."""
 FSSPEC_OPTIONS = ("skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop")

@@ -129,7 +129,7 @@ def is_s3(fs: Any) -> bool:
     return type(fs).__name__ == "S3FileSystem"
 
 
-def _fresh(fs: Any) -> Any:
+def fresh_instance(fs: Any) -> Any:
     """A new instance of ``fs`` with the same options (fsspec drops its instance cache in a
     forked child, so this does not hand back the parent's)."""
     func, args = fs.__reduce__()[:2]
@@ -144,7 +144,7 @@ class RemoteObject:
     def __init__(self, fs: Any, path: str, size: int, pieces: dict[int, bytes] | None = None, etag: str | None = None):
         self.path, self.size, self.etag = path, size, etag
         self.pieces: dict[int, bytes] = dict(pieces or {})
-        self._fs: ForkLocal[Any] = ForkLocal(lambda: _fresh(fs), initial=fs)
+        self._fs: ForkLocal[Any] = ForkLocal(lambda: fresh_instance(fs), initial=fs)
 
     @property
     def fs(self) -> Any:
@@ -222,6 +222,10 @@ def _ranged_get(fs: Any, path: str, start: int, end: int, etag: str | None) -> b
     return fs.cat_file(path, start=start, end=end)
 
 
+STRONG_STAMPS = ("ETag", "etag", "generation", "VersionId", "version_id")
+"""Listing fields that name one version of an object exactly (s3fs, gcsfs, adlfs)."""
+
+
 class PieceCache:
     """The header region (header and payload prefix) each object version had when it was opened,
     so that opening it again costs one request (its final chunk, which still proves the version
@@ -236,7 +240,7 @@ class PieceCache:
 
     @staticmethod
     def key(entry: dict) -> tuple | None:
-        stamp = next((entry[k] for k in ("ETag", "generation", "VersionId", "version_id") if entry.get(k)), None)
+        stamp = next((entry[k] for k in STRONG_STAMPS if entry.get(k)), None)
         return None if stamp is None else (entry["name"], entry["size"], str(stamp))
 
     def get(self, key: tuple | None) -> dict[int, bytes]:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from fsspec import AbstractFileSystem
 
+from . import audit
 from . import format as fmt
 from .copying import RangeReader, copy_stream
 from .errors import EncfsError, naming
@@ -53,6 +54,8 @@ def _reheader(
             raise EncfsError("refusing to remove every recipient: nobody could open the file")
         out = fmt.Header(header.file_id, keep + new)
         head = fmt.seal(out, file_key, max(header.length, header_length or 0))
+        # Logged before the new header is written: a rewrap never takes effect unlogged.
+        audit.record(audit.REWRAP, file_id=header.file_id, added=[s.label for s in new], removed=[s.label for s in removed])
     finally:
         file_key.wipe()
     return head, RewrapResult(out, out.length == header.length, [s.label for s in removed], [s.label for s in new])
@@ -119,22 +122,27 @@ def rewrap(
     ``header_length``: grow the header to this length (a rewrite) when the stanzas need it."""
     if header_length is not None:
         fmt.check_header_length(header_length)
-    with naming(path):
-        if is_local(fs):
-            return _rewrap_local(fs._strip_protocol(path), keyring, add, remove, in_place, header_length)
-        raw = fs.open(path, "rb")
-        target = Target(raw)
+    with naming(path), audit.file_path(path):
         try:
-            size = raw.seek(0, os.SEEK_END)
-            header, _ = read_header(target.read_at, size)
-            head, res = _reheader(header, keyring, add, remove, header_length)
+            if is_local(fs):
+                return _rewrap_local(fs._strip_protocol(path), keyring, add, remove, in_place, header_length)
+            raw = fs.open(path, "rb")
+            target = Target(raw)
+            try:
+                size = raw.seek(0, os.SEEK_END)
+                header, _ = read_header(target.read_at, size)
+                head, res = _reheader(header, keyring, add, remove, header_length)
 
-            def fill(sink: Sink) -> None:
-                sink.write(head)
-                copy_stream(RangeReader(target.read_into, header.length, size), sink)
+                def fill(sink: Sink) -> None:
+                    sink.write(head)
+                    copy_stream(RangeReader(target.read_into, header.length, size), sink)
 
-            fill_atomically(open_sink(fs, path), fill)
-        finally:
-            target.close()
-        res.in_place = False
-        return res
+                fill_atomically(open_sink(fs, path), fill)
+            finally:
+                target.close()
+            res.in_place = False
+            return res
+        except Exception as e:
+            added = [audit.recipient_label(r) for r in add]
+            audit.record(audit.REWRAP, outcome=audit.FAILED, added=added, removed=list(remove), **audit.error_fields(e))
+            raise

@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Any
 
+from . import audit
 from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend, split_plaintext
@@ -61,8 +62,14 @@ class PayloadWriter:
             file_key = new_file_key()
             try:
                 header = fmt.Header(fmt.new_file_id(), [])
-                header.stanzas = [r.wrap(file_key, header.context) for r in keyring.recipients()]
+                try:
+                    header.stanzas = [r.wrap(file_key, header.context) for r in keyring.recipients()]
+                except Exception as e:
+                    audit.record(audit.WRAP, outcome=audit.FAILED, file_id=header.file_id, **audit.error_fields(e))
+                    raise
                 head = fmt.seal(header, file_key, header_length)
+                for stanza in header.stanzas:  # audit log on: one line per recipient, or no file (AuditError)
+                    audit.record(audit.WRAP, key=stanza.label, file_id=header.file_id)
                 salt = os.urandom(cs.SALT_SIZE)
                 self._keys = cs.derive(file_key.view(), salt, header.context)
             finally:
@@ -161,7 +168,7 @@ class PayloadWriter:
     def _fail(self, exc: BaseException) -> None:
         if self.state in (OPEN, SEALED):
             self.state, self._failure = FAILED, exc
-            self._end()
+            discarding(exc, self._end)
 
     def _end(self) -> None:
         try:
@@ -178,6 +185,18 @@ class PayloadWriter:
         if self._pending is not None:
             self._pending.release()
         self._fill = 0
+
+
+def discarding(exc: BaseException | None, discard: Any) -> None:
+    """Run ``discard`` while ``exc`` is on its way up: the caller's error stays the one raised,
+    and a failed discard (a store that would not abort an upload) is a note on it, not a
+    replacement for it."""
+    try:
+        discard()
+    except Exception as e:
+        if exc is None:
+            raise
+        exc.add_note(f"encfs: discarding the file also failed ({type(e).__name__}: {e}); nothing was committed")
 
 
 class EncryptedWriter(io.BufferedIOBase):
@@ -252,7 +271,7 @@ class EncryptedWriter(io.BufferedIOBase):
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.discard()
+            discarding(exc, self.discard)
         else:
             self.close()
 

@@ -21,6 +21,16 @@ PIP=(.venv/bin/python -m pip install -q -c scripts/constraints.txt)
 "${PIP[@]}" --no-build-isolation -e '.[torch,pyarrow,s3,dev]'
 .venv/bin/python -c "import encfs._native" 2>/dev/null \
   || echo "warning: native backend not built (install gcc and libssl-dev); using the python backend" >&2
+# The Azure tests run against Azurite (tests/emulators.py), an npm package; the GCS emulator
+# came with the dev extra above.
+if [ "$what" = test ] && [ ! -x .azurite/node_modules/.bin/azurite-blob ]; then
+  if command -v npm >/dev/null 2>&1; then
+    npm install --prefix .azurite --no-audit --no-fund --silent azurite@3.35.0 >/dev/null 2>&1 \
+      || echo "warning: npm could not install azurite: the Azure tests skip (and fail under CI=true)" >&2
+  else
+    echo "warning: no npm (Node.js): the Azure tests skip (and fail under CI=true)" >&2
+  fi
+fi
 
 if [ "$what" = main ]; then
   exec .venv/bin/python benchmarks/main_job.py "${@:2}"

@@ -37,6 +37,8 @@ class Request:
     bytes_out: int = 0
     started: float = 0.0
     finished: float = 0.0
+    target: str | None = None
+    """The ``X-Amz-Target`` header: the operation of a JSON API such as KMS (``TrentService.Decrypt``)."""
 
 
 @dataclass
@@ -280,7 +282,10 @@ class LatencyProxy:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 await _read_body(reader, req, _Pacer(self.bandwidth))
                 ready_at = time.monotonic()
-                rec = Request(method, urlsplit(path).path or path, query, req.headers.get("range"), bytes_in=req.size, started=ready_at)
+                rec = Request(
+                    method, urlsplit(path).path or path, query, req.headers.get("range"), bytes_in=req.size, started=ready_at,
+                    target=req.headers.get("x-amz-target"),
+                )
                 fault = self._take_fault(rec)
                 with self._lock:
                     self._requests.append(rec)

@@ -89,8 +89,8 @@ def _open(ring: KeyRing, raw: bytes) -> bytes:
 
 
 def test_builtin_types_are_registered():
-    assert registry.names() == ["key", "passphrase", "x25519"]
-    assert {"keyfile", "env", "passphrase", "x25519"} <= set(registry.schemes())
+    assert registry.names() == ["key", "kms", "passphrase", "x25519"]
+    assert {"keyfile", "env", "kms", "passphrase", "x25519"} <= set(registry.schemes())
     assert [t.key_file_prefix for t in registry.key_file_types()] == ["encfs-key-v1:", "encfs-x25519-identity-v1:"]
     assert registry.get("passphrase").max_per_header == 1
     assert registry.get("key").max_per_header is None and registry.get("x25519").max_per_header is None

@@ -104,7 +104,8 @@ def test_hostile_argon2_parameters_are_refused_before_running(m, t, p):
     "ref,match",
     [
         ("nonsense", "malformed"),
-        ("kms:arn", "unknown key reference scheme"),
+        ("vault:secret/x", "unknown key reference scheme"),
+        ("kms:arn", "expected kms:arn:aws:kms"),
         ("env:DEFINITELY_NOT_SET_123", "not set"),
         ("keyfile:/nonexistent/key", "cannot read"),
         ("x25519:abc", "32 bytes|base64"),

@@ -7,6 +7,7 @@ from .refs import KeyRing, key_file_text, load_reference, public_reference
 from .registry import RecipientType, register
 from .symmetric import SymmetricKey
 from .x25519 import X25519Identity, X25519Recipient
+from . import kms  # noqa: F401  (registers the kms type; boto3 is imported when a kms key is used)
 
 __all__ = [
     "Argon2Params", "Identity", "KeyRing", "Passphrase", "Recipient", "RecipientType", "SymmetricKey",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Iterable, Union
 
-from .. import env
+from .. import audit, env
 from ..errors import KeyReferenceError, NoMatchingKeyError
 from ..forking import ForkLocal
 from ..format import Header
@@ -257,7 +257,22 @@ class KeyRing:
         return [k for k in (self._load(i) for i in self._identities) if hasattr(k, "unwrap")]  # type: ignore[misc]
 
     def unwrap(self, header: Header) -> SecretBytes:
-        """The file key, from the first stanza an identity matches by key id."""
+        """The file key, from the first stanza an identity matches by key id. With the audit log
+        on, each call is one ``unwrap`` event (the stanza that opened the file, or ``failed``);
+        a line that cannot be written wipes the key and fails the call (``AuditError``)."""
+        try:
+            file_key, label = self._unwrap(header)
+        except Exception as e:
+            audit.record(audit.UNWRAP, outcome=audit.FAILED, file_id=header.file_id, stanzas=header.labels(), **audit.error_fields(e))
+            raise
+        try:
+            audit.record(audit.UNWRAP, key=label, file_id=header.file_id)
+        except BaseException:
+            file_key.wipe()
+            raise
+        return file_key
+
+    def _unwrap(self, header: Header) -> tuple[SecretBytes, str]:
         types = [s.type for s in header.stanzas]
         registry.check_known(types)
         registry.check_per_header(types)
@@ -270,7 +285,7 @@ class KeyRing:
                     tried.append(stanza.label)
                     file_key = ident.unwrap(stanza, header.context)
                     if file_key is not None:
-                        return file_key
+                        return file_key, stanza.label
         mine = [_label(i) for i in identities]
         why = f"; {', '.join(tried)} matched but did not unwrap (wrong passphrase or tampered stanza)" if tried else ""
         raise NoMatchingKeyError(

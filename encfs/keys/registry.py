@@ -23,7 +23,8 @@ and a reference loader, then makes one call at import::
     ))
 
 and has that module imported (the built-in types are imported by ``encfs.keys``; a plug-in
-entry point will import its module, whose ``register`` call is the same). The type also gets
+names its module in the ``encfs.key_providers`` entry-point group, imported the first time a
+scheme or stanza type is not known, whose ``register`` call is the same). The type also gets
 its section in docs/FORMAT.md (a new stanza type: old readers reject it as unknown).
 """
 
@@ -106,7 +107,34 @@ def is_scheme(text: str) -> bool:
     return bool(_SCHEME.fullmatch(text))
 
 
+PLUGIN_GROUP = "encfs.key_providers"
+"""Entry-point group of key-provider plug-ins (docs/KEYS.md): each entry point names a module
+whose import registers its types (``register``), as the built-in modules do."""
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every installed key-provider plug-in, once per process. Called when a scheme or
+    stanza type is not (yet) known, so plug-ins cost nothing until one is needed. A plug-in
+    that fails to import is a ``ConfigError`` naming it, never skipped silently."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    from ..errors import ConfigError
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except Exception as e:
+            raise ConfigError(f"key provider plug-in {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}") from e
+
+
 def loader(scheme: str) -> Loader | None:
+    if scheme not in _SCHEMES:
+        load_plugins()
     return _SCHEMES.get(scheme)
 
 
@@ -135,6 +163,9 @@ def is_key_object(obj: object) -> bool:
 def check_known(types: Iterable[str]) -> None:
     """``FormatError`` if any stanza type is not registered: never skipped, never guessed."""
     unknown = sorted({t for t in types if t not in _TYPES})
+    if unknown:
+        load_plugins()
+        unknown = [t for t in unknown if t not in _TYPES]
     if unknown:
         raise FormatError(f"unknown recipient type(s) {unknown} in header")
 

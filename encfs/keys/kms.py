@@ -1,0 +1,450 @@
+"""AWS KMS recipients: file keys wrapped under a key-encryption key (KEK) that KMS issued.
+
+A writer asks KMS once for a data key (``GenerateDataKey``, AES-256, with an encryption context
+naming the dataset) and uses it as the KEK of a writing session: each file's key is wrapped
+under ``HKDF(KEK, file id)`` with the common AES-GCM wrap (bound to the file's context and the
+stanza's fields), and the stanza carries the KMS key ARN, the dataset name and the KMS
+ciphertext of the KEK. The KEK is renewed after ``kek_max_age`` seconds or ``kek_max_uses``
+files. A reader sends the KEK's ciphertext to KMS (``Decrypt``, the same encryption context)
+once per cache lifetime and opens every file of that session with it: through the host's
+agent (``encfs agent``, shared by all processes of the user) when one is running, else from
+this process's cache (shared by its threads and, after fork, its DataLoader workers).
+
+Reference: ``kms:KEY[?option=value&...]``, KEY an ARN (``arn:aws:kms:REGION:ACCOUNT:key/ID``
+or ``...:alias/NAME``), ``alias/NAME`` or a key id. Options: ``region``, ``endpoint``,
+``profile``, ``dataset`` (the encryption context's dataset; default ``default``),
+``kek_max_age`` (s, default 3600), ``kek_max_uses`` (default 100000), ``cache_max_age`` (s,
+default 3600), ``cache_max_uses`` (default 1000000), ``attempts`` (KMS calls tried per
+operation, with backoff, default 5), ``timeout`` (s per KMS request, default 10). docs/KEYS.md
+describes the flow, docs/FORMAT.md the stanza.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+from ..errors import EncfsError, FormatError, KeyReferenceError
+from ..forking import ForkLocal
+from ..format import Stanza
+from ..secret import SecretBytes
+from .base import check_shape, hkdf32, open_stanza, seal_stanza
+from .registry import RecipientType, register
+
+TYPE = "kms"
+SCHEME = "kms"
+PARAMS_VERSION = 1
+KEK_ID_SIZE = 8
+MAX_BLOB = 6144
+_WRAP_INFO = b"encfs/v1 kms-wrap"
+_CONTEXT_PURPOSE = "kek/v1"
+
+
+class KmsError(EncfsError):
+    """A KMS call failed; ``code`` is KMS's error code, ``key`` the key reference."""
+
+    def __init__(self, message: str, *, code: str = "", key: str = ""):
+        super().__init__(message)
+        self.code, self.key = code, key
+
+
+class KmsUnavailableError(KmsError, ConnectionError):
+    """KMS could not be reached, or kept refusing for throttling after every retry."""
+
+
+class KmsAccessDeniedError(KmsError, PermissionError):
+    """KMS refused the caller: no permission on the key (key policy, grants, IAM)."""
+
+
+class KmsKeyDisabledError(KmsError):
+    """The KMS key is disabled, pending deletion or otherwise unusable."""
+
+
+class KmsKeyNotFoundError(KmsError, KeyReferenceError):
+    """No such KMS key or alias."""
+
+
+_ERRORS: dict[str, type[KmsError]] = {
+    "AccessDeniedException": KmsAccessDeniedError,
+    "DisabledException": KmsKeyDisabledError,
+    "KeyUnavailableException": KmsKeyDisabledError,
+    "KMSInvalidStateException": KmsKeyDisabledError,
+    "NotFoundException": KmsKeyNotFoundError,
+    "ThrottlingException": KmsUnavailableError,
+    "LimitExceededException": KmsUnavailableError,
+    "RequestLimitExceeded": KmsUnavailableError,
+    "DependencyTimeoutException": KmsUnavailableError,
+    "KMSInternalException": KmsUnavailableError,
+}
+NOT_FOR_US = ("InvalidCiphertextException", "IncorrectKeyException")
+"""Decrypt errors meaning "this ciphertext is not for this key" (or was altered): the stanza
+does not open with this identity, as a wrong symmetric key would not."""
+
+
+@dataclass(frozen=True)
+class KmsOptions:
+    key: str
+    region: str | None = None
+    endpoint: str | None = None
+    profile: str | None = None
+    dataset: str = "default"
+    kek_max_age: float = 3600.0
+    kek_max_uses: int = 100_000
+    cache_max_age: float = 3600.0
+    cache_max_uses: int = 1_000_000
+    attempts: int = 5
+    timeout: float = 10.0
+
+    @property
+    def client_key(self) -> tuple:
+        return (self.region, self.endpoint, self.profile, self.attempts, self.timeout)
+
+    def cache_limits(self) -> tuple[float, int]:
+        return self.cache_max_age, self.cache_max_uses
+
+
+_NUMERIC = {"kek_max_age": float, "kek_max_uses": int, "cache_max_age": float, "cache_max_uses": int, "attempts": int, "timeout": float}
+
+
+def parse_reference(value: str, ref: str) -> KmsOptions:
+    key, _, query = value.partition("?")
+    if not (key.startswith("arn:aws") and (":key/" in key or ":alias/" in key)) and not key.startswith("alias/") and not _is_key_id(key):
+        raise KeyReferenceError(f"{ref}: expected kms:arn:aws:kms:REGION:ACCOUNT:key/ID, kms:alias/NAME or kms:KEY_ID")
+    opts: dict[str, Any] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=False, strict_parsing=bool(query))
+    except ValueError:
+        raise KeyReferenceError(f"{ref}: malformed options after '?'") from None
+    for name, raw in pairs:
+        if name in opts:
+            raise KeyReferenceError(f"{ref}: option {name!r} given twice")
+        if name in _NUMERIC:
+            try:
+                val = _NUMERIC[name](raw)
+            except ValueError:
+                raise KeyReferenceError(f"{ref}: option {name} must be a number, got {raw!r}") from None
+            if val <= 0:
+                raise KeyReferenceError(f"{ref}: option {name} must be positive")
+            opts[name] = val
+        elif name in ("region", "endpoint", "profile", "dataset"):
+            opts[name] = raw
+        else:
+            raise KeyReferenceError(f"{ref}: unknown option {name!r}; known: {', '.join(sorted([*_NUMERIC, 'region', 'endpoint', 'profile', 'dataset']))}")
+    if key.startswith("arn:") and "region" not in opts:
+        opts["region"] = key.split(":")[3] or None
+    if not 1 <= len(opts.get("dataset", "default").encode()) <= 256:
+        raise KeyReferenceError(f"{ref}: dataset must be 1-256 bytes")
+    return KmsOptions(key=key, **opts)
+
+
+def _is_key_id(key: str) -> bool:
+    parts = key.split("-")
+    return len(key) == 36 and [len(p) for p in parts] == [8, 4, 4, 4, 12] and all(c in "0123456789abcdef-" for c in key.lower())
+
+
+# -- stanza ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KmsParams:
+    """What a ``kms`` stanza's params hold (docs/FORMAT.md): the KMS key ARN, the dataset of the
+    encryption context, and the KMS ciphertext of the KEK."""
+
+    arn: str
+    dataset: str
+    blob: bytes
+
+    def encode(self) -> bytes:
+        arn, ds = self.arn.encode(), self.dataset.encode()
+        return struct.pack(">BH", PARAMS_VERSION, len(arn)) + arn + struct.pack(">H", len(ds)) + ds + self.blob
+
+    @classmethod
+    def decode(cls, params: bytes) -> "KmsParams":
+        try:
+            version, n = struct.unpack_from(">BH", params, 0)
+            if version != PARAMS_VERSION:
+                raise FormatError(f"kms stanza params version {version} is not supported (this reader knows {PARAMS_VERSION})")
+            arn = params[3 : 3 + n].decode("utf-8")
+            (m,) = struct.unpack_from(">H", params, 3 + n)
+            dataset = params[5 + n : 5 + n + m].decode("utf-8")
+            blob = params[5 + n + m :]
+        except (struct.error, UnicodeDecodeError):
+            raise FormatError("malformed kms stanza params") from None
+        if len(arn.encode()) != n or len(dataset.encode()) != m or not arn.startswith("arn:") or not dataset or not 1 <= len(blob) <= MAX_BLOB:
+            raise FormatError("malformed kms stanza params")
+        return cls(arn, dataset, bytes(blob))
+
+    @property
+    def kek_id(self) -> bytes:
+        return kek_id(self.blob)
+
+    def context(self) -> dict[str, str]:
+        return encryption_context(self.dataset)
+
+
+def kek_id(blob: bytes) -> bytes:
+    return hashlib.sha256(b"encfs/v1 kms-kek-id" + blob).digest()[:KEK_ID_SIZE]
+
+
+def encryption_context(dataset: str) -> dict[str, str]:
+    return {"encfs": _CONTEXT_PURPOSE, "encfs:dataset": dataset}
+
+
+def check_stanza(stanza: Stanza) -> None:
+    if len(stanza.key_id) != KEK_ID_SIZE:
+        check_shape(stanza, KEK_ID_SIZE, len(stanza.params), "8-byte KEK id")
+    p = KmsParams.decode(stanza.params)
+    if stanza.key_id != p.kek_id:
+        raise FormatError("malformed kms stanza: key id is not the id of its KEK ciphertext")
+
+
+def wrap_key(kek: SecretBytes, salt: bytes) -> SecretBytes:
+    """The key that wraps one file's key: ``HKDF(KEK, salt = file id)``."""
+    return hkdf32(kek.view(), salt, _WRAP_INFO)
+
+
+# -- KMS calls ---------------------------------------------------------------------------------
+
+_clients: ForkLocal[dict[tuple, Any]] = ForkLocal(dict)
+_clients_lock: ForkLocal[threading.Lock] = ForkLocal(threading.Lock)
+_calls: dict[str, int] = {}
+
+
+def client(opts: KmsOptions) -> Any:
+    """A boto3 KMS client for these options (one per process and set of options: a forked
+    child makes its own)."""
+    with _clients_lock.get():
+        clients = _clients.get()
+        c = clients.get(opts.client_key)
+        if c is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise KeyReferenceError("kms: keys need boto3: pip install 'encfs[kms]'") from None
+            session = boto3.session.Session(profile_name=opts.profile) if opts.profile else boto3.session.Session()
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": opts.attempts},
+                connect_timeout=opts.timeout, read_timeout=opts.timeout,
+            )
+            c = clients[opts.client_key] = session.client("kms", region_name=opts.region, endpoint_url=opts.endpoint, config=config)
+        return c
+
+
+def call(opts: KmsOptions, operation: str, **kwargs: Any) -> dict:
+    """One KMS operation, retried with backoff by botocore (``attempts``), its failures as
+    typed errors naming the key (never a payload)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    _calls[operation] = _calls.get(operation, 0) + 1
+    try:
+        return getattr(client(opts), _snake(operation))(**kwargs)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "") or "Unknown"
+        message = e.response.get("Error", {}).get("Message", "")
+        cls = _ERRORS.get(code, KmsError)
+        raise cls(f"KMS {operation} with key {opts.key} failed: {code}: {message}", code=code, key=opts.key) from None
+    except BotoCoreError as e:
+        raise KmsUnavailableError(f"KMS {operation} with key {opts.key} failed: {type(e).__name__}: {e}", code=type(e).__name__, key=opts.key) from None
+
+
+def calls() -> dict[str, int]:
+    """KMS operations this process made, by name (for ``encfs doctor`` and tests)."""
+    return dict(_calls)
+
+
+def _snake(operation: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")
+
+
+def decrypt_kek(opts: KmsOptions, p: KmsParams) -> SecretBytes | None:
+    """The KEK of a stanza, from KMS; None when KMS says the ciphertext is not for this key."""
+    try:
+        out = call(opts, "Decrypt", CiphertextBlob=p.blob, EncryptionContext=p.context(), KeyId=p.arn)
+    except KmsError as e:
+        if e.code in NOT_FOR_US:
+            return None
+        raise
+    plain = out["Plaintext"]
+    if len(plain) != 32:
+        raise FormatError("KMS returned a KEK that is not 32 bytes")
+    return SecretBytes(plain)
+
+
+# -- caches --------------------------------------------------------------------------------------
+
+
+class KekCache:
+    """Unwrapped KEKs by KEK id: each opened by KMS at most once per lifetime (``max_age``
+    seconds, ``max_uses`` files), whatever the number of threads asking at once (one asks,
+    the others wait for its answer). Shared by this process's threads and, after fork, by its
+    children (their copies are locked again by ``SecretBytes``); ``clear`` wipes them."""
+
+    def __init__(self) -> None:
+        self._items: dict[bytes, list] = {}  # id -> [kek, expires, uses_left]
+        self._lock: ForkLocal[threading.Lock] = ForkLocal(threading.Lock)
+        self._flights: ForkLocal[dict[bytes, threading.Event]] = ForkLocal(dict)
+
+    def get(self, kid: bytes, limits: tuple[float, int], fetch: Callable[[], SecretBytes | None]) -> tuple[SecretBytes | None, bool]:
+        """(KEK or None, whether it came from the cache). The caller must not keep the KEK
+        beyond deriving from it."""
+        while True:
+            with self._lock.get():
+                item = self._items.get(kid)
+                if item is not None and (item[1] < time.monotonic() or item[2] <= 0):
+                    item[0].wipe()
+                    del self._items[kid]
+                    item = None
+                if item is not None:
+                    item[2] -= 1
+                    return item[0], True
+                flight = self._flights.get().get(kid)
+                if flight is None:
+                    flight = self._flights.get()[kid] = threading.Event()
+                    break
+            flight.wait()
+        try:
+            kek = fetch()
+            if kek is not None:
+                with self._lock.get():
+                    self._items[kid] = [kek, time.monotonic() + limits[0], limits[1] - 1]
+            return kek, False
+        finally:
+            with self._lock.get():
+                self._flights.get().pop(kid, None)
+            flight.set()
+
+    def clear(self) -> None:
+        with self._lock.get():
+            for item in self._items.values():
+                item[0].wipe()
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_cache = KekCache()
+
+
+def local_cache() -> KekCache:
+    return _cache
+
+
+def file_wrap_key(opts: KmsOptions, p: KmsParams, salt: bytes) -> tuple[SecretBytes | None, str]:
+    """The wrap key of one file's stanza and where its KEK came from ("agent", "cache", "kms"),
+    through the agent when one is configured, else this process's cache."""
+    from .. import agent
+
+    conn = agent.connection()
+    if conn is not None:
+        wk = conn.wrap_key(opts, p, salt)
+        if wk is not agent.UNAVAILABLE:
+            return wk, "agent"
+    kek, cached = _cache.get(p.kek_id, opts.cache_limits(), lambda: decrypt_kek(opts, p))
+    if kek is None:
+        return None, "kms"
+    return wrap_key(kek, salt), "cache" if cached else "kms"
+
+
+# -- the key object ------------------------------------------------------------------------------
+
+
+class _Session:
+    """A writer's KEK: issued by KMS, used for at most ``kek_max_uses`` files or
+    ``kek_max_age`` seconds."""
+
+    def __init__(self, opts: KmsOptions):
+        out = call(opts, "GenerateDataKey", KeyId=opts.key, KeySpec="AES_256", EncryptionContext=encryption_context(opts.dataset))
+        self.kek = SecretBytes(out["Plaintext"])
+        self.params = KmsParams(out["KeyId"], opts.dataset, out["CiphertextBlob"])
+        self.expires = time.monotonic() + opts.kek_max_age
+        self.uses_left = opts.kek_max_uses
+
+    def spent(self) -> bool:
+        return self.uses_left <= 0 or time.monotonic() >= self.expires
+
+
+class KmsKey:
+    """A KMS key: recipient (wraps under a session KEK) and identity (opens stanzas of this
+    key, through the agent or this process's cache)."""
+
+    type = TYPE
+
+    def __init__(self, opts: KmsOptions, source: str):
+        self.opts, self.source = opts, source
+        self.key_id = b""
+        self._session: ForkLocal[dict[str, _Session]] = ForkLocal(dict)  # a forked child asks KMS for its own
+        self._lock: ForkLocal[threading.Lock] = ForkLocal(threading.Lock)
+        self._arn: str | None = opts.key if ":key/" in opts.key else None
+
+    @property
+    def label(self) -> str:
+        return f"kms:{self.opts.key}"
+
+    def _current(self) -> _Session:
+        with self._lock.get():
+            s = self._session.get().get("kek")
+            if s is None or s.spent():
+                if s is not None:
+                    s.kek.wipe()
+                s = self._session.get()["kek"] = _Session(self.opts)
+                _audit("kms-generate", self.opts.key, arn=s.params.arn, kek_id=s.params.kek_id.hex())
+            s.uses_left -= 1
+            return s
+
+    def wrap(self, file_key: SecretBytes, context: bytes) -> Stanza:
+        s = self._current()
+        return seal_stanza(TYPE, s.params.kek_id, s.params.encode(), wrap_key(s.kek, context[12:28]), file_key, context)
+
+    def arn(self) -> str:
+        """The key's ARN (an alias or key id is resolved once, by ``DescribeKey``)."""
+        if self._arn is None:
+            self._arn = call(self.opts, "DescribeKey", KeyId=self.opts.key)["KeyMetadata"]["Arn"]
+        return self._arn
+
+    def matches(self, stanza: Stanza) -> bool:
+        if stanza.type != TYPE:
+            return False
+        try:
+            return KmsParams.decode(stanza.params).arn == self.arn()
+        except FormatError:
+            return True  # (tried, so that the malformed stanza is reported)
+
+    def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
+        check_stanza(stanza)
+        p = KmsParams.decode(stanza.params)
+        wk, source = file_wrap_key(self.opts, p, context[12:28])
+        _audit(f"unwrap-{source}", self.opts.key, arn=p.arn, kek_id=p.kek_id.hex(), file_id=context[12:28], outcome="ok" if wk else "not-for-this-key")
+        if wk is None:
+            return None
+        return open_stanza(stanza, wk, context)
+
+    def wipe(self) -> None:
+        with self._lock.get():
+            s = self._session.get().pop("kek", None)
+            if s is not None:
+                s.kek.wipe()
+
+    def __repr__(self) -> str:
+        return f"<KmsKey {self.opts.key} dataset={self.opts.dataset!r}>"
+
+
+def _audit(op: str, key: str, outcome: str = "ok", file_id: bytes | None = None, **extra: Any) -> None:
+    try:
+        from .. import audit
+    except ImportError:
+        return
+    audit.record(op, outcome=outcome, key=key, file_id=file_id, **extra)
+
+
+def load_kms(value: str, ref: str) -> KmsKey:
+    return KmsKey(parse_reference(value, ref), ref)
+
+
+register(RecipientType(TYPE, (KmsKey,), check_stanza, schemes={SCHEME: load_kms}))
