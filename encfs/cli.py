@@ -1128,10 +1128,11 @@ def cmd_key_id(args: argparse.Namespace) -> int:
     return 0
 
 
-def _removal(value: str) -> str:
+def _removal(value: str) -> Any:
     """A ``rewrap --remove`` value as a stanza label: ``type:hex``, bare key id hex or a type
     without ids are taken as they are; otherwise it is a key reference (or a key file's path),
-    loaded to learn its id."""
+    loaded to learn its id, or kept as the key when its stanzas carry no fixed id (a ``kms``
+    key removes every stanza written under it)."""
     from .keys import registry  # noqa: PLC0415
 
     kind, sep, rest = value.partition(":")
@@ -1142,6 +1143,8 @@ def _removal(value: str) -> str:
         return value.lower()
     (ref,) = key_refs([value], "--remove")
     key = load_reference(ref)
+    if hasattr(key, "owns"):
+        return key
     try:
         return key_label(key)
     finally:

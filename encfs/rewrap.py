@@ -13,7 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence, Union
 
 from fsspec import AbstractFileSystem
 
@@ -27,6 +27,10 @@ from .sink import LocalSink, Sink, fill_atomically, is_local, open_sink
 from .target import Target
 
 
+Removal = Union[str, Any]
+"""What ``rewrap`` removes: a stanza label or key id hex, or a key object with ``owns(stanza)``."""
+
+
 @dataclass
 class RewrapResult:
     header: fmt.Header
@@ -36,7 +40,7 @@ class RewrapResult:
 
 
 def _reheader(
-    header: fmt.Header, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str], header_length: int | None
+    header: fmt.Header, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[Removal], header_length: int | None
 ) -> tuple[bytes, RewrapResult]:
     """The new header bytes and what changed. The header keeps its length (so the file keeps the
     length listings assume) unless a larger ``header_length`` is asked for; stanzas that do not
@@ -45,10 +49,10 @@ def _reheader(
     try:
         keep, removed = [], []
         for s in header.stanzas:
-            (removed if s.label in remove or s.key_id.hex() in remove else keep).append(s)
-        missing = set(remove) - {s.label for s in removed} - {s.key_id.hex() for s in removed}
+            (removed if any(_names(r, s) for r in remove) else keep).append(s)
+        missing = sorted(getattr(r, "label", str(r)) for r in remove if not any(_names(r, s) for s in header.stanzas))
         if missing:
-            raise EncfsError(f"no stanza matches {sorted(missing)}; the file has {header.labels()}")
+            raise EncfsError(f"no stanza matches {missing}; the file has {header.labels()}")
         new = [r.wrap(file_key, header.context) for r in add]
         if not keep + new:
             raise EncfsError("refusing to remove every recipient: nobody could open the file")
@@ -59,6 +63,14 @@ def _reheader(
     finally:
         file_key.wipe()
     return head, RewrapResult(out, out.length == header.length, [s.label for s in removed], [s.label for s in new])
+
+
+def _names(removal: Removal, stanza: fmt.Stanza) -> bool:
+    """Whether a removal names ``stanza``: by label (``type:keyidhex``) or key id hex, or, for a
+    key whose stanzas carry no fixed id (``kms``: one per session KEK), by the key's ``owns``."""
+    if isinstance(removal, str):
+        return removal in (stanza.label, stanza.key_id.hex())
+    return removal.owns(stanza)
 
 
 def _write_header_in_place(path: str, ino: int, head: bytes) -> bool:
@@ -83,7 +95,7 @@ def _write_header_in_place(path: str, ino: int, head: bytes) -> bool:
 
 
 def _rewrap_local(
-    path: str, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[str], in_place: bool, header_length: int | None
+    path: str, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[Removal], in_place: bool, header_length: int | None
 ) -> RewrapResult:
     target = Target(open(path, "rb"))
     try:
@@ -114,7 +126,7 @@ def rewrap(
     path: str,
     keyring: KeyRing,
     add: Sequence[Recipient] = (),
-    remove: Sequence[str] = (),
+    remove: Sequence[Removal] = (),
     in_place: bool = True,
     header_length: int | None = None,
 ) -> RewrapResult:

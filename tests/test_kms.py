@@ -399,3 +399,91 @@ def test_a_kms_fault_met_by_the_agent_is_raised_in_the_client(kms_file, stub_kms
     with pytest.raises(kms.KmsKeyDisabledError, match="DisabledException") as e:
         EncFileSystem(key=stub_ref(arn, stub_kms), skip_instance_cache=True).cat_file(path)
     assert path in str(e.value)
+
+
+# -- rotation --------------------------------------------------------------------------------------
+
+
+def test_rotation_dual_key_period_then_rewrap_moves_headers_to_the_new_key(tmp_path, kms_key):
+    """While a rotation is under way a reader holding both keys reads every file; ``encfs rewrap
+    --add kms:NEW --remove kms:OLD`` then moves every header to the new key, payloads untouched;
+    afterwards the old key opens nothing."""
+    old_arn, _, proxy = kms_key
+    import boto3
+
+    new_arn = boto3.client("kms", region_name="us-east-1", endpoint_url=proxy.url).create_key()["KeyMetadata"]["Arn"]
+    old, new = ref(old_arn, proxy), ref(new_arn, proxy)
+    (tmp_path / "a").mkdir()
+    files = {**write_files(tmp_path / "a", old, 3, size=50_000)}
+    (tmp_path / "b").mkdir()
+    files.update(write_files(tmp_path / "b", new, 2, size=50_000))
+    both = EncFileSystem(key=[old, new], skip_instance_cache=True)
+    assert all(both.cat_file(p) == d for p, d in files.items())
+
+    payloads = {}
+    for p in files:
+        h = both.open(p).header.length
+        payloads[p] = Path(p).read_bytes()[h:]
+    out = subprocess.run(
+        [sys.executable, "-m", "encfs.cli", "rewrap", "-k", old, "--add", new, "--remove", old, str(tmp_path / "a")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("-['kms:") == 3
+    kms.local_cache().clear()
+    only_new = EncFileSystem(key=new, skip_instance_cache=True)
+    only_old = EncFileSystem(key=old, skip_instance_cache=True)
+    for p, d in files.items():
+        assert only_new.cat_file(p) == d
+        h = only_new.open(p).header.length
+        assert Path(p).read_bytes()[h:] == payloads[p]  # the payload was not re-encrypted
+        with pytest.raises(NoMatchingKeyError):
+            only_old.cat_file(p)
+
+
+def test_removing_a_kms_key_a_file_does_not_have_is_refused(tmp_path, kms_key):
+    arn, _, proxy = kms_key
+    import boto3
+
+    other = boto3.client("kms", region_name="us-east-1", endpoint_url=proxy.url).create_key()["KeyMetadata"]["Arn"]
+    path = next(iter(write_files(tmp_path, ref(arn, proxy), 1)))
+    from encfs.errors import EncfsError
+    from encfs.keys import KeyRing, load_reference
+    from encfs.rewrap import rewrap
+
+    before = Path(path).read_bytes()
+    with pytest.raises(EncfsError, match="no stanza matches"):
+        rewrap(EncFileSystem(skip_instance_cache=True, key=ref(arn, proxy)).fs, path, KeyRing(ref(arn, proxy)), remove=[load_reference(ref(other, proxy))])
+    assert Path(path).read_bytes() == before
+
+
+def test_audit_log_1000_opens_give_1000_use_events_plus_the_kms_events(tmp_path, kms_key, monkeypatch):
+    import json
+
+    from encfs import audit
+
+    arn, _, proxy = kms_key
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv(audit.LOG_ENV, str(log))
+    (tmp_path / "d").mkdir()
+    files = write_files(tmp_path / "d", ref(arn, proxy), 10)
+    kms.local_cache().clear()
+    reader = EncFileSystem(key=ref(arn, proxy), skip_instance_cache=True)
+    for _ in range(100):
+        for p in files:
+            with reader.open(p) as f:
+                f.read(10)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    ops = [x["op"] for x in lines]
+    assert ops.count("kms-generate") == 1 and ops.count("wrap") == 10
+    assert ops.count("unwrap") == 1000
+    assert ops.count("unwrap-kms") == 1 and ops.count("unwrap-cache") == 999
+    assert calls(proxy, "Decrypt") == 1
+    assert {x["path"] for x in lines if x["op"] == "unwrap"} == set(files)
+    assert all(arn in x["arn"] for x in lines if x["op"].startswith("unwrap-") or x["op"] == "kms-generate")
+    assert audit.verify(log).ok
+    text = log.read_text().splitlines()
+    text[500] = text[500].replace('"ok"', '"denied"', 1)
+    log.write_text("\n".join(text) + "\n")
+    bad = audit.verify(log)
+    assert not bad.ok and bad.bad_line == 501, bad

@@ -40,7 +40,6 @@ TYPE = "kms"
 SCHEME = "kms"
 PARAMS_VERSION = 1
 KEK_ID_SIZE = 8
-MAX_BLOB = 6144
 _WRAP_INFO = b"encfs/v1 kms-wrap"
 _CONTEXT_PURPOSE = "kek/v1"
 
@@ -175,7 +174,7 @@ class KmsParams:
             blob = params[5 + n + m :]
         except (struct.error, UnicodeDecodeError):
             raise FormatError("malformed kms stanza params") from None
-        if len(arn.encode()) != n or len(dataset.encode()) != m or not arn.startswith("arn:") or not dataset or not 1 <= len(blob) <= MAX_BLOB:
+        if len(arn.encode()) != n or len(dataset.encode()) != m or not arn.startswith("arn:") or not 1 <= m <= 256 or not blob:
             raise FormatError("malformed kms stanza params")
         return cls(arn, dataset, bytes(blob))
 
@@ -408,11 +407,14 @@ class KmsKey:
             self._arn = call(self.opts, "DescribeKey", KeyId=self.opts.key)["KeyMetadata"]["Arn"]
         return self._arn
 
+    def owns(self, stanza: Stanza) -> bool:
+        """Whether ``stanza`` was written under this KMS key (by ARN): what ``rewrap --remove``
+        takes away."""
+        return stanza.type == TYPE and KmsParams.decode(stanza.params).arn == self.arn()
+
     def matches(self, stanza: Stanza) -> bool:
-        if stanza.type != TYPE:
-            return False
         try:
-            return KmsParams.decode(stanza.params).arn == self.arn()
+            return self.owns(stanza)
         except FormatError:
             return True  # (tried, so that the malformed stanza is reported)
 

@@ -167,7 +167,10 @@ def check_known(types: Iterable[str]) -> None:
         load_plugins()
         unknown = [t for t in unknown if t not in _TYPES]
     if unknown:
-        raise FormatError(f"unknown recipient type(s) {unknown} in header")
+        raise FormatError(
+            f"unknown recipient type(s) {unknown} in header: written by a newer encfs, or for a key "
+            "provider plug-in that is not installed here (docs/KEYS.md)"
+        )
 
 
 def check_per_header(types: Iterable[str], error: type[Exception] = FormatError, noun: str = "stanza") -> None:
