@@ -1,4 +1,4 @@
-"""The ``encfs`` command: keygen, pubkey, key id, encrypt, decrypt, ls, cat, verify, inspect, rewrap, clean, doctor, agent, audit.
+"""The ``encfs`` command: keygen, pubkey, key id, encrypt, decrypt, ls, cat, verify, inspect, rewrap, clean, doctor, agent, audit, migrate, revoke, reencrypt, status.
 
 Errors are one line on stderr and exit status 1 (``--debug`` for a traceback). ``encrypt`` and
 ``decrypt`` take several sources or globs (``'raw/*.parquet' enc/``: the last argument is then a
@@ -1129,42 +1129,42 @@ def cmd_key_id(args: argparse.Namespace) -> int:
 
 
 def _removal(value: str) -> Any:
-    """A ``rewrap --remove`` value as a stanza label: ``type:hex``, bare key id hex or a type
-    without ids are taken as they are; otherwise it is a key reference (or a key file's path),
-    loaded to learn its id, or kept as the key when its stanzas carry no fixed id (a ``kms``
-    key removes every stanza written under it)."""
+    """A ``rewrap --remove`` value as ``rewrap`` takes it (``rotate.removal_for``)."""
+    from .rotate import removal_for  # noqa: PLC0415
+
+    return removal_for(_canonical_removal(value))
+
+
+def _type_names() -> list[str]:
     from .keys import registry  # noqa: PLC0415
 
-    kind, sep, rest = value.partition(":")
-    hexdigits = set("0123456789abcdefABCDEF")
-    if not sep and (value in registry.names() or (value and set(value) <= hexdigits)):
-        return value
-    if sep and kind in registry.names() and rest and set(rest) <= hexdigits and len(rest) % 2 == 0 and len(rest) <= 32:
-        return value.lower()
-    (ref,) = key_refs([value], "--remove")
-    key = load_reference(ref)
-    if hasattr(key, "owns"):
-        return key
-    try:
-        return key_label(key)
-    finally:
-        getattr(key, "wipe", lambda: None)()
+    return registry.names()
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
+    """Files named one by one are rewrapped here, in order, stopping at the first failure;
+    a directory or prefix goes to ``rotate.rewrap_prefix`` (parallel, journaled, resumable)."""
     keyring = KeyRing(args.key or None, identities=args.identity or None)
-    add = [load_reference(r) for r in key_refs(args.add, "--add")]
+    add_refs = key_refs(args.add, "--add")
+    remove_refs = [_canonical_removal(r) for r in args.remove]
+    add = [load_reference(r) for r in add_refs]
     remove = [_removal(r) for r in args.remove]
-    files = []
+    files, prefixes = [], []
     for arg in args.paths:
         fs, path = url_to_fs(arg, args.storage_options)
-        files.extend((fs, p) for p in walk_files(fs, path, arg))
+        if not any(c in path for c in "*?[") and fs.isdir(path):
+            prefixes.append((fs, path, arg))
+        else:
+            files.extend((fs, p) for p in walk_files(fs, path, arg))
+    status = 0
+    if prefixes:
+        status = _rewrap_prefixes(args, prefixes, add_refs, remove_refs, tolerant=False)
     done = 0
     for fs, p in files:
         shown = _shown(fs, p)
         try:
             with naming(shown):
-                res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=not args.no_in_place, header_length=args.header_length)
+                res = rewrap(fs, p, keyring, add=add, remove=remove, in_place=args.in_place, header_length=args.header_length)
         except (KeyReferenceError, ConfigError, EncfsError, OSError) as e:
             if not done:
                 raise
@@ -1172,7 +1172,108 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         done += 1
         how = "in place" if res.in_place else "by rewriting the header into a new file"
         print(f"{shown}: +{res.added} -{res.removed} ({how}); now {res.header.labels()}", file=sys.stderr)
-    return 0
+    return status
+
+
+def _canonical_removal(value: str) -> str:
+    """A ``--remove`` value as tasks take it: a label, key id, or reference (a bare key file
+    path becomes ``keyfile:PATH``), never a loaded key."""
+    kind, sep, rest = value.partition(":")
+    if (sep and kind and rest) or set(value) <= set("0123456789abcdefABCDEF") or value in _type_names():
+        return value
+    (ref,) = key_refs([value], "--remove")
+    return ref
+
+
+def _rewrap_prefixes(args: argparse.Namespace, prefixes: list, add: list[str], remove: list[str], tolerant: bool) -> int:
+    from .migrate import report  # noqa: PLC0415
+    from .rotate import rewrap_prefix  # noqa: PLC0415
+
+    status = 0
+    for fs, path, arg in prefixes:
+        out = rewrap_prefix(
+            fs, path, url=arg, key=key_refs(args.key, "-k"), identities=key_refs(args.identity, "-i"), add=add, remove=remove,
+            tolerant=tolerant, header_length=args.header_length, journal_path=args.journal, jobs=args.jobs, dask=args.dask,
+            progress=args.progress,
+        )
+        status |= report(out, args.json, verb="rewrapped")
+    return status
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """Remove a recipient from every file under the prefixes that has it."""
+    refs = [_canonical_removal(args.recipient)]
+    prefixes = []
+    for arg in args.paths:
+        fs, path = url_to_fs(arg, args.storage_options)
+        prefixes.append((fs, path, arg))
+    args.header_length = None
+    return _rewrap_prefixes(args, prefixes, [], refs, tolerant=True)
+
+
+def cmd_reencrypt(args: argparse.Namespace) -> int:
+    """New file keys for every file under the prefix: migrate it onto itself."""
+    from .migrate import migrate, report  # noqa: PLC0415
+
+    status = 0
+    for arg in args.paths:
+        fs, root = bulk_side("encfs::" + encfs_hops(arg)[0], args.storage_options, key=args.key or None,
+                             recipients=args.recipient or None, identities=args.identity or None, header_length=args.header_length)
+        fs.keyring.recipients()
+        out = migrate(fs, root, fs, root, src_url=arg, dst_url=arg, journal_path=args.journal, jobs=args.jobs, dask=args.dask,
+                      progress=args.progress, op="reencrypt", in_place=True)
+        status |= report(out, args.json, verb="re-encrypted")
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Which objects under the prefixes are not encrypted (the first bytes of each, nothing more)."""
+    from .bulk import all_files  # noqa: PLC0415
+
+    bad = total = 0
+    for arg in args.paths:
+        fs, root = url_to_fs(arg, args.storage_options)
+        files = all_files(fs, root)
+        paths = [f"{root.rstrip('/')}/{rel}" if rel else root for rel in files]
+        heads = fs.cat_ranges(paths, [0] * len(paths), [len(fmt.MAGIC)] * len(paths), on_error="return") if paths else []
+        for p, head in zip(paths, heads):
+            total += 1
+            state = "unreadable" if isinstance(head, Exception) else "encrypted" if head == fmt.MAGIC else "NOT ENCRYPTED"
+            if state != "encrypted":
+                bad += 1
+                why = f" ({type(head).__name__}: {head})" if isinstance(head, Exception) else ""
+                print(json.dumps({"path": _shown(fs, p), "state": state}) if args.json else f"{_shown(fs, p)}: {state}{why}", flush=True)
+            elif args.all:
+                print(json.dumps({"path": _shown(fs, p), "state": state}) if args.json else f"{_shown(fs, p)}: {state}", flush=True)
+    print(f"{total} object(s): {total - bad} encrypted, {bad} not encrypted or unreadable", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def bulk_side(arg: str, options: dict[str, Any], **keys: Any) -> tuple[Any, str]:
+    """The filesystem and root of one side of a bulk operation: the target itself, or an
+    ``EncFileSystem`` over it when ``arg`` has an ``encfs::`` hop (keys as references)."""
+    _, hops = encfs_hops(arg)
+    fs, root = url_to_fs(arg, options)
+    if hops:
+        fs = EncFileSystem(fs=fs, skip_instance_cache=True, **keys)
+    return fs, root
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .migrate import migrate, report  # noqa: PLC0415
+
+    key = args.key or None
+    src_fs, src = bulk_side(args.src, args.storage_options, key=args.src_key or key, identities=args.identity or None)
+    dst_fs, dst = bulk_side(args.dst, args.storage_options, key=key, recipients=args.recipient or None, header_length=args.header_length)
+    if not isinstance(src_fs, EncFileSystem) and not isinstance(dst_fs, EncFileSystem):
+        raise EncfsError("neither SRC nor DST is encrypted (encfs::URL): that is a plain copy, not a migration")
+    if isinstance(dst_fs, EncFileSystem):
+        dst_fs.keyring.recipients()  # no key: one clear error before anything is listed
+    out = migrate(
+        src_fs, src, dst_fs, dst, src_url=args.src, dst_url=args.dst, journal_path=args.journal, jobs=args.jobs,
+        dask=args.dask, include=args.include, exclude=args.exclude, dry_run=args.dry_run, progress=args.progress,
+    )
+    return report(out, args.json)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -1322,7 +1423,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys(sp, identity=True)
     sp.add_argument("--add", action="append", default=[], help="reference of a recipient to add (repeatable)")
     sp.add_argument("--remove", action="append", default=[], help="recipient to remove: 'type:keyid', key id hex, or a key reference/file (repeatable)")
-    sp.add_argument("--no-in-place", action="store_true", help="always rewrite to a new file and rename")
+    sp.add_argument(
+        "--in-place", action="store_true",
+        help="on local disk, write the new header over the old one (one write, fsync; fast, but a power cut during "
+        "it can leave a torn header). Default: a new file, renamed over the old one",
+    )
+    sp.add_argument("--no-in-place", action="store_false", dest="in_place", help=argparse.SUPPRESS)
+    bulk_options(sp, "rewrap")
     sp.add_argument(
         "--header-length", type=int, default=None, metavar="BYTES",
         help="grow headers to this length (a multiple of 512) when the recipients do not fit the file's own; default: keep it",
@@ -1374,7 +1481,49 @@ def build_parser() -> argparse.ArgumentParser:
     from . import audit  # noqa: PLC0415
 
     audit.add_subcommand(sub, parents=[common])
+
+    sp = sub.add_parser("revoke", parents=[common, storage], help="remove a recipient from every file under prefixes that has it")
+    keys(sp, identity=True)
+    sp.add_argument("recipient", metavar="RECIPIENT", help="the recipient: reference, key file, 'type:keyid' or key id")
+    sp.add_argument("paths", nargs="+", metavar="PREFIX", help="directories or object-store prefixes")
+    bulk_options(sp, "revoke")
+    sp.set_defaults(func=cmd_revoke)
+
+    sp = sub.add_parser("reencrypt", parents=[common, storage], help="give every file under prefixes a new file key (re-encrypt, verified, journaled)")
+    keys(sp, recipient=True, identity=True)
+    sp.add_argument("paths", nargs="+", metavar="PREFIX", help="directories or object-store prefixes of encrypted files")
+    bulk_options(sp, "reencrypt")
+    sp.set_defaults(func=cmd_reencrypt)
+
+    sp = sub.add_parser("status", parents=[common, storage], help="list objects under prefixes that are not encrypted (reads 8 bytes of each)")
+    sp.add_argument("paths", nargs="+", metavar="PREFIX")
+    sp.add_argument("--all", action="store_true", help="list encrypted objects too")
+    sp.add_argument("--json", action="store_true", help="one JSON object per object listed")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser(
+        "migrate", parents=[common, storage],
+        help="copy a prefix into another: encrypt (into encfs::DST), re-encrypt, or decrypt out; resumable, verified, never touching SRC",
+    )
+    keys(sp, recipient=True, identity=True)
+    sp.add_argument("--src-key", action="append", default=[], help="decrypt an encfs:: SRC with this reference (default: -k/-i)")
+    bulk_options(sp, "migrate")
+    sp.add_argument("--include", action="append", default=[], metavar="GLOB", help="only paths (relative to SRC) matching a glob (repeatable)")
+    sp.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip paths matching a glob (repeatable)")
+    sp.add_argument("--dry-run", action="store_true", help="say what would be copied, checked and skipped; write nothing")
+    sp.add_argument("src", metavar="SRC", help="a file or prefix: path or fsspec URL (encfs::URL if it is encrypted)")
+    sp.add_argument("dst", metavar="DST", help="where the copies go (encfs::URL to encrypt them)")
+    sp.set_defaults(func=cmd_migrate)
     return p
+
+
+def bulk_options(sp: argparse.ArgumentParser, name: str) -> None:
+    """The options every bulk operation over a prefix takes."""
+    sp.add_argument("-j", "--jobs", type=int, default=4, help="objects in flight at once (default 4)")
+    sp.add_argument("--journal", default=None, metavar="PATH", help=f"the {name} journal (default: one per SRC and DST under ~/.local/state/encfs/journals)")
+    sp.add_argument("--dask", default=None, metavar="ADDRESS", help="run the per-object tasks on this Dask scheduler (pip install 'encfs[dask]')")
+    sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 _API_WORDS = (

@@ -168,8 +168,9 @@ def test_inspect_and_rewrap_walk_directories(tmp_path, raw):
     glob = ok(run("inspect", "--json", str(enc / "*.parquet")))
     assert len(glob.stdout.decode().splitlines()) == 2, "a.parquet, b.parquet; the symlink match skipped"
 
-    res = ok(run("rewrap", "-k", a, "--add", b, str(enc)))
-    assert res.stderr.count(b"(in place)") == len(files), res.stderr.decode()
+    res = ok(run("rewrap", "-k", a, "--add", b, str(enc), "--journal", str(tmp_path / "j.sqlite"), "--json"))
+    summary = json.loads(res.stdout)
+    assert summary["objects"] == summary["copied"] == len(files) and summary["failed"] == [], summary
     ok(run("decrypt", "-k", b, str(enc), str(tmp_path / "out")))
     assert files_under(tmp_path / "out") == files
     assert (tmp_path / "outside.parquet").read_bytes() == b"outside the tree", "the symlink target untouched"
@@ -180,9 +181,12 @@ def test_rewrap_directory_stops_with_a_count(tmp_path, raw):
     a, b = keyfile(tmp_path, "a.key"), keyfile(tmp_path, "b.key")
     ok(run("encrypt", "-k", a, str(src / "b.parquet"), str(src / "c.txt"), str(tmp_path / "enc")))
     (tmp_path / "enc" / "z.plain").write_bytes(b"not encrypted")
-    res = run("rewrap", "-k", a, "--add", b, str(tmp_path / "enc"))
+    res = run("rewrap", "-k", a, "--add", b, str(tmp_path / "enc"), "--journal", str(tmp_path / "j.sqlite"), "--no-progress")
     err = res.stderr.decode()
-    assert res.returncode == 1 and "z.plain" in err and "2 of 3 file(s) before it were rewrapped" in err, err
+    assert res.returncode == 1 and "z.plain" in err and "rewrapped 2" in err and "failed 1" in err, err
+    res = run("rewrap", "-k", a, "--add", b, str(tmp_path / "enc" / "b.parquet"), str(tmp_path / "enc" / "z.plain"), str(tmp_path / "enc" / "c.txt"))
+    err = res.stderr.decode()
+    assert res.returncode == 1 and "z.plain" in err and "1 of 3 file(s) before it were rewrapped" in err, err
 
 
 # --- 4. passphrase:prompt asks twice when encrypting --------------------------------------
