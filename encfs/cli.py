@@ -1015,11 +1015,15 @@ def verify_file(enc: EncFileSystem, path: str, scratch: bytearray) -> tuple[str,
     return None
 
 
+def verify_object(enc: EncFileSystem, path: str) -> tuple[str, str] | None:
+    """``verify_file`` as a bulk task (threads or a Dask worker): scratch of its own, wiped."""
+    return verify_file(enc, path, bytearray(VERIFY_SPAN * cs.CHUNK_SIZE))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Authenticate every chunk of every file named (directories and globs expand), on a small
-    thread pool; print the bad ones and exit 1 if there is any."""
-    import threading  # noqa: PLC0415
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+    thread pool or a Dask cluster; print the bad ones and exit 1 if there is any."""
+    from .bulk import Runner  # noqa: PLC0415
 
     jobs: list[tuple[EncFileSystem, str, str]] = []
     for arg in args.paths:
@@ -1031,31 +1035,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise EncfsError(f"{arg}: no such file or directory") from None
     if not jobs[0][0].keyring.identities() if jobs else False:
         raise EncfsError("no key to verify with: pass -k or -i (or set $ENCFS_KEY)")
-    jobs = list({p: (e, p, shown) for e, p, shown in jobs}.values())
-    local = threading.local()
-
-    def one(job: tuple[EncFileSystem, str, str]) -> tuple[str, tuple[str, str] | None]:
-        enc, path, shown = job
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = bytearray(VERIFY_SPAN * cs.CHUNK_SIZE)
-        return shown, verify_file(enc, path, scratch)
-
-    bad = 0
-    workers = max(1, min(args.jobs, len(jobs) or 1))
-    with ThreadPoolExecutor(workers, thread_name_prefix="encfs-verify") as pool, \
-            _progress(len(jobs), "verify", args.progress, unit="file") as bar:
-        for shown, result in pool.map(one, jobs):
-            bar.update(1)
-            if args.json:
-                row = {"path": shown, "ok": result is None}
-                if result:
-                    row.update(error=result[0], reason=result[1])
-                print(json.dumps(row), flush=True)
-            elif result:
-                print(f"{shown}: {result[0]}: {result[1]}", flush=True)
-            bad += result is not None
-    print(f"verified {len(jobs)} file(s): {len(jobs) - bad} ok, {bad} bad", file=sys.stderr)
+    pending = list(reversed({p: (e, p, shown) for e, p, shown in jobs}.values()))
+    total, bad = len(pending), 0
+    with Runner(max(1, min(args.jobs, total or 1)), args.dask) as runner, _progress(total, "verify", args.progress, unit="file") as bar:
+        while pending or len(runner):
+            while pending and not runner.full:
+                enc, path, shown = pending.pop()
+                runner.submit(shown, verify_object, enc, path)
+            for shown, result in runner.finished():
+                if isinstance(result, (KeyReferenceError, ConfigError)):
+                    raise result
+                if isinstance(result, BaseException):
+                    result = (type(result).__name__, _one_line(result))
+                bar.update(1)
+                if args.json:
+                    row = {"path": shown, "ok": result is None}
+                    if result:
+                        row.update(error=result[0], reason=result[1])
+                    print(json.dumps(row), flush=True)
+                elif result:
+                    print(f"{shown}: {result[0]}: {result[1]}", flush=True)
+                bad += result is not None
+    print(f"verified {total} file(s): {total - bad} ok, {bad} bad", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -1464,6 +1465,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys(sp, identity=True)
     sp.add_argument("paths", nargs="+", metavar="PATH", help="files, directories, globs or fsspec URLs")
     sp.add_argument("-j", "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="files verified at once (default min(4, cores))")
+    sp.add_argument("--dask", default=None, metavar="ADDRESS", help="verify on this Dask scheduler's workers (pip install 'encfs[dask]')")
     sp.add_argument("--json", action="store_true", help="one JSON object per file: path, ok, error, reason")
     sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sp.set_defaults(func=cmd_verify)
