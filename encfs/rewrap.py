@@ -5,7 +5,8 @@ change. On local disk the file is opened once and locked (``flock``) for the who
 operation; when the new header fits the file's header length it is written in place (one
 ``pwrite`` at offset 0, then ``fsync``), otherwise the file is rewritten as new header + the
 same payload bytes to a temporary file and renamed over the original. On other filesystems
-the rewrite always goes through an atomic sink, reading header and payload from one handle.
+the rewrite always goes through an atomic sink, reading header and payload from one handle;
+on S3 a large object is rebuilt as the new header + its payload copied server-side (``s3copy``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from fsspec import AbstractFileSystem
 
 from . import audit
 from . import format as fmt
+from . import s3copy
 from .copying import RangeReader, copy_stream
 from .errors import EncfsError, naming
 from .header import read_header, unlock
 from .keys import KeyRing, Recipient
+from .remote import is_s3
 from .sink import LocalSink, Sink, fill_atomically, is_local, open_sink
 from .target import Target
 
@@ -49,8 +52,8 @@ def _reheader(
     try:
         keep, removed = [], []
         for s in header.stanzas:
-            (removed if any(_names(r, s) for r in remove) else keep).append(s)
-        missing = sorted(getattr(r, "label", str(r)) for r in remove if not any(_names(r, s) for s in header.stanzas))
+            (removed if any(names(r, s) for r in remove) else keep).append(s)
+        missing = sorted(getattr(r, "label", str(r)) for r in remove if not any(names(r, s) for s in header.stanzas))
         if missing:
             raise EncfsError(f"no stanza matches {missing}; the file has {header.labels()}")
         new = [r.wrap(file_key, header.context) for r in add]
@@ -65,7 +68,16 @@ def _reheader(
     return head, RewrapResult(out, out.length == header.length, [s.label for s in removed], [s.label for s in new])
 
 
-def _names(removal: Removal, stanza: fmt.Stanza) -> bool:
+def has_recipient(stanzas: Sequence[fmt.Stanza], recipient: Any) -> bool:
+    """Whether a header already holds a stanza for ``recipient`` (adding it again would only
+    duplicate it): by type and key id, or, for a key whose stanzas carry no fixed id, ``owns``."""
+    if hasattr(recipient, "owns"):
+        return any(recipient.owns(s) for s in stanzas)
+    kid = getattr(recipient, "key_id", b"")
+    return any(s.type == recipient.type and (not kid or s.key_id == kid) for s in stanzas)
+
+
+def names(removal: Removal, stanza: fmt.Stanza) -> bool:
     """Whether a removal names ``stanza``: by label (``type:keyidhex``) or key id hex, or, for a
     key whose stanzas carry no fixed id (``kms``: one per session KEK), by the key's ``owns``."""
     if isinstance(removal, str):
@@ -138,10 +150,13 @@ def rewrap(
         try:
             if is_local(fs):
                 return _rewrap_local(fs._strip_protocol(path), keyring, add, remove, in_place, header_length)
-            raw = fs.open(path, "rb")
-            target = Target(raw)
+            if is_s3(fs):  # one version, named by its ETag in every read (s3fs's file would read ahead 50 MiB)
+                target: Any = s3copy.open_source(fs, path)
+                size = target.size
+            else:
+                raw = fs.open(path, "rb")
+                target, size = Target(raw), raw.seek(0, os.SEEK_END)
             try:
-                size = raw.seek(0, os.SEEK_END)
                 header, _ = read_header(target.read_at, size)
                 head, res = _reheader(header, keyring, add, remove, header_length)
 
@@ -149,12 +164,15 @@ def rewrap(
                     sink.write(head)
                     copy_stream(RangeReader(target.read_into, header.length, size), sink)
 
-                fill_atomically(open_sink(fs, path), fill)
+                if is_s3(fs) and s3copy.copies_tail(target, len(head), header.length):
+                    fill_atomically(s3copy.TailCopySink(target, header.length), lambda sink: sink.write(head))
+                else:
+                    fill_atomically(open_sink(fs, path), fill)
             finally:
                 target.close()
             res.in_place = False
             return res
         except Exception as e:
             added = [audit.recipient_label(r) for r in add]
-            audit.record(audit.REWRAP, outcome=audit.FAILED, added=added, removed=list(remove), **audit.error_fields(e))
+            audit.record(audit.REWRAP, outcome=audit.FAILED, added=added, removed=[getattr(r, 'label', str(r)) for r in remove], **audit.error_fields(e))
             raise

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from . import bulk
 from .errors import EncfsError, naming
-from .format import Stanza
 from .header import read_header, unlock
 from .journal import COMMITTED, FAILED, Journal, default_path
 from .keys import KeyRing, load_reference
 from .migrate import Summary
-from .rewrap import rewrap
+from .rewrap import has_recipient, names, rewrap
 from .target import Target
 
 
@@ -50,19 +49,6 @@ def removal_for(value: str) -> Any:
         getattr(key, "wipe", lambda: None)()
 
 
-def _has(stanzas: Sequence[Stanza], recipient: Any) -> bool:
-    """Whether a header already holds a stanza for ``recipient`` (so adding it again would
-    only duplicate it)."""
-    if hasattr(recipient, "owns"):
-        return any(recipient.owns(s) for s in stanzas)
-    kid = getattr(recipient, "key_id", b"")
-    return any(s.type == recipient.type and (not kid or s.key_id == kid) for s in stanzas)
-
-
-def _names(removal: Any, s: Stanza) -> bool:
-    return removal.owns(s) if not isinstance(removal, str) else removal in (s.label, s.key_id.hex())
-
-
 def _header(fs: Any, path: str):
     raw = fs.open(path, "rb")
     target = Target(raw)
@@ -80,10 +66,10 @@ def rewrap_object(fs: Any, path: str, key: list[str], identities: list[str], add
         keyring = KeyRing(key or None, identities=identities or None)
         try:
             header = _header(fs, path)
-            adding = [r for r in (load_reference(ref) for ref in add) if not _has(header.stanzas, r)]
+            adding = [r for r in (load_reference(ref) for ref in add) if not has_recipient(header.stanzas, r)]
             removals = [removal_for(v) for v in remove]
             if tolerant:
-                removals = [r for r in removals if any(_names(r, s) for s in header.stanzas)]
+                removals = [r for r in removals if any(names(r, s) for s in header.stanzas)]
             changed = bool(adding or removals)
             if changed:
                 rewrap(fs, path, keyring, add=adding, remove=removals, in_place=False, header_length=header_length)
@@ -95,7 +81,7 @@ def rewrap_object(fs: Any, path: str, key: list[str], identities: list[str], add
                 except EncfsError:
                     pass  # (the keys given may have been the ones removed: the header was still parsed whole)
             for r in removals:
-                if any(_names(r, s) for s in after.stanzas):
+                if any(names(r, s) for s in after.stanzas):
                     raise EncfsError(f"{getattr(r, 'label', r)} is still in the header after the rewrap")
             return {"changed": changed, "labels": after.labels(), "dst_stamp": bulk.stamp(fs.info(path))}
         finally:

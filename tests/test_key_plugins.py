@@ -129,4 +129,4 @@ def test_a_broken_provider_is_named_not_skipped(tmp_path):
     install(site, "encfs_broken_demo", "raise ImportError('missing dependency: hvac')\n", entry="broken")
     r = run(site, "write", str(tmp_path / "x"))
     assert r.returncode != 0
-    assert "key provider plug-in 'broken'" in r.stderr and "missing dependency: hvac" in r.stderr
+    assert "key provider plug-in(s) failed to load: 'broken'" in r.stderr and "missing dependency: hvac" in r.stderr

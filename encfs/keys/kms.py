@@ -25,6 +25,8 @@ import hashlib
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -235,19 +237,37 @@ def client(opts: KmsOptions) -> Any:
         return c
 
 
+_executor: ForkLocal[ThreadPoolExecutor] = ForkLocal(lambda: ThreadPoolExecutor(8, thread_name_prefix="encfs-kms"))
+
+
+def deadline(opts: KmsOptions) -> float:
+    """Seconds one operation may take in all: every attempt's connect and read timeouts, plus
+    botocore's backoff between attempts (doubling, at most 20 s)."""
+    return opts.attempts * 2 * opts.timeout + sum(min(2.0**i, 20.0) for i in range(opts.attempts - 1))
+
+
 def call(opts: KmsOptions, operation: str, **kwargs: Any) -> dict:
-    """One KMS operation, retried with backoff by botocore (``attempts``), its failures as
-    typed errors naming the key (never a payload)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    """One KMS operation, retried with backoff by botocore (``attempts``), bounded as a whole by
+    ``deadline`` (a peer trickling its answer byte by byte never trips a per-read timeout), its
+    failures as typed errors naming the key (never a payload)."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
     _calls[operation] = _calls.get(operation, 0) + 1
+    fut = _executor.get().submit(getattr(client(opts), _snake(operation)), **kwargs)
     try:
-        return getattr(client(opts), _snake(operation))(**kwargs)
+        return fut.result(timeout=deadline(opts))
+    except FutureTimeout:
+        fut.cancel()
+        raise KmsUnavailableError(
+            f"KMS {operation} with key {opts.key} failed: no answer within {deadline(opts):g} s (Timeout)", code="Timeout", key=opts.key
+        ) from None
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "") or "Unknown"
         message = e.response.get("Error", {}).get("Message", "")
         cls = _ERRORS.get(code, KmsError)
         raise cls(f"KMS {operation} with key {opts.key} failed: {code}: {message}", code=code, key=opts.key) from None
+    except (NoCredentialsError, PartialCredentialsError) as e:
+        raise KmsAccessDeniedError(f"KMS {operation} with key {opts.key} failed: no AWS credentials ({e})", code="NoCredentials", key=opts.key) from None
     except BotoCoreError as e:
         raise KmsUnavailableError(f"KMS {operation} with key {opts.key} failed: {type(e).__name__}: {e}", code=type(e).__name__, key=opts.key) from None
 
@@ -278,54 +298,87 @@ def decrypt_kek(opts: KmsOptions, p: KmsParams) -> SecretBytes | None:
 # -- caches --------------------------------------------------------------------------------------
 
 
-class KekCache:
-    """Unwrapped KEKs by KEK id: each opened by KMS at most once per lifetime (``max_age``
-    seconds, ``max_uses`` files), whatever the number of threads asking at once (one asks,
-    the others wait for its answer). Shared by this process's threads and, after fork, by its
-    children (their copies are locked again by ``SecretBytes``); ``clear`` wipes them."""
+class _Flight:
+    """One fetch in progress: the others asking for the same KEK wait for its outcome."""
 
     def __init__(self) -> None:
-        self._items: dict[bytes, list] = {}  # id -> [kek, expires, uses_left]
-        self._lock: ForkLocal[threading.Lock] = ForkLocal(threading.Lock)
-        self._flights: ForkLocal[dict[bytes, threading.Event]] = ForkLocal(dict)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
 
-    def get(self, kid: bytes, limits: tuple[float, int], fetch: Callable[[], SecretBytes | None]) -> tuple[SecretBytes | None, bool]:
-        """(KEK or None, whether it came from the cache). The caller must not keep the KEK
-        beyond deriving from it."""
+
+class KekCache:
+    """Unwrapped KEKs, each opened by KMS at most once per lifetime (``max_age`` seconds,
+    ``max_uses`` files), whatever the number of threads asking at once: one asks, the others
+    wait for its answer, a failure included. KMS saying a ciphertext is not for the key is
+    remembered for ``NEGATIVE_TTL`` seconds (a hostile file reopened costs no more calls). A KEK
+    is only ever used under the cache's lock (``use`` derives from it there), so an entry
+    wiped at its limits or by ``clear``/``drop`` is never read half-wiped. Shared by this
+    process's threads and, after fork, by its children (re-locked by ``SecretBytes``)."""
+
+    NEGATIVE_TTL = 60.0
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, list] = {}  # key -> [kek or None, expires, uses_left]
+        self._lock: ForkLocal[threading.Lock] = ForkLocal(threading.Lock)
+        self._flights: ForkLocal[dict[tuple, _Flight]] = ForkLocal(dict)
+
+    def use(self, key: tuple, limits: tuple[float, int], fetch: Callable[[], SecretBytes | None],
+            derive: Callable[[SecretBytes], Any]) -> tuple[Any, bool]:
+        """(``derive(KEK)``, or None when KMS said the ciphertext is not for the key; whether the
+        KEK came from the cache). ``derive`` runs under the lock: it must be quick."""
         while True:
             with self._lock.get():
-                item = self._items.get(kid)
+                item = self._items.get(key)
                 if item is not None and (item[1] < time.monotonic() or item[2] <= 0):
-                    item[0].wipe()
-                    del self._items[kid]
+                    self._drop(key)
                     item = None
                 if item is not None:
+                    if item[0] is None:
+                        return None, True
                     item[2] -= 1
-                    return item[0], True
-                flight = self._flights.get().get(kid)
+                    return derive(item[0]), True
+                flight = self._flights.get().get(key)
                 if flight is None:
-                    flight = self._flights.get()[kid] = threading.Event()
+                    flight = self._flights.get()[key] = _Flight()
                     break
-            flight.wait()
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
         try:
             kek = fetch()
-            if kek is not None:
-                with self._lock.get():
-                    self._items[kid] = [kek, time.monotonic() + limits[0], limits[1] - 1]
-            return kek, False
+            with self._lock.get():
+                now = time.monotonic()
+                if kek is None:
+                    self._items[key] = [None, now + self.NEGATIVE_TTL, float("inf")]
+                    return None, False
+                self._items[key] = [kek, now + limits[0], limits[1] - 1]
+                return derive(kek), False
+        except BaseException as e:
+            flight.error = e
+            raise
         finally:
             with self._lock.get():
-                self._flights.get().pop(kid, None)
-            flight.set()
+                self._flights.get().pop(key, None)
+            flight.done.set()
+
+    def _drop(self, key: tuple) -> None:
+        item = self._items.pop(key, None)
+        if item is not None and item[0] is not None:
+            item[0].wipe()
+
+    def drop(self, keys: Any) -> None:
+        """Wipe the KEKs cached under ``keys`` (a filesystem's ``wipe_keys``)."""
+        with self._lock.get():
+            for key in list(keys):
+                self._drop(key)
 
     def clear(self) -> None:
         with self._lock.get():
-            for item in self._items.values():
-                item[0].wipe()
-            self._items.clear()
+            for key in list(self._items):
+                self._drop(key)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return sum(1 for item in self._items.values() if item[0] is not None)
 
 
 _cache = KekCache()
@@ -335,20 +388,26 @@ def local_cache() -> KekCache:
     return _cache
 
 
-def file_wrap_key(opts: KmsOptions, p: KmsParams, salt: bytes) -> tuple[SecretBytes | None, str]:
-    """The wrap key of one file's stanza and where its KEK came from ("agent", "cache", "kms"),
-    through the agent when one is configured, else this process's cache."""
+def cache_key(opts: KmsOptions, p: KmsParams) -> tuple:
+    """What one cached KEK is: the KMS that opened it, the key, the dataset and the whole
+    ciphertext (not the 8-byte id a hostile header could collide with)."""
+    return (opts.endpoint, opts.region, opts.profile, p.arn, p.dataset, hashlib.sha256(p.blob).digest())
+
+
+def file_wrap_key(opts: KmsOptions, p: KmsParams, salt: bytes) -> tuple[SecretBytes | None, str, tuple | None]:
+    """The wrap key of one file's stanza, where its KEK came from ("agent", "cache", "kms"), and
+    the cache key it was kept under (None through the agent): through the agent when one is
+    configured and answering, else this process's cache."""
     from .. import agent
 
     conn = agent.connection()
     if conn is not None:
         wk = conn.wrap_key(opts, p, salt)
         if wk is not agent.UNAVAILABLE:
-            return wk, "agent"
-    kek, cached = _cache.get(p.kek_id, opts.cache_limits(), lambda: decrypt_kek(opts, p))
-    if kek is None:
-        return None, "kms"
-    return wrap_key(kek, salt), "cache" if cached else "kms"
+            return wk, "agent", None
+    key = cache_key(opts, p)
+    wk, cached = _cache.use(key, opts.cache_limits(), lambda: decrypt_kek(opts, p), lambda kek: wrap_key(kek, salt))
+    return wk, ("cache" if cached else "kms"), key
 
 
 # -- the key object ------------------------------------------------------------------------------
@@ -381,25 +440,35 @@ class KmsKey:
         self._session: ForkLocal[dict[str, _Session]] = ForkLocal(dict)  # a forked child asks KMS for its own
         self._lock: ForkLocal[threading.Lock] = ForkLocal(threading.Lock)
         self._arn: str | None = opts.key if ":key/" in opts.key else None
+        self._fetched: set[tuple] = set()
 
     @property
     def label(self) -> str:
         return f"kms:{self.opts.key}"
 
-    def _current(self) -> _Session:
+    def _session_wrap_key(self, salt: bytes) -> tuple[SecretBytes, KmsParams]:
+        """The wrap key of one new file under the session KEK (renewed at its limits; its
+        ``kms-generate`` line written before it wraps anything), derived under the lock that
+        guards the KEK's renewal and wiping."""
         with self._lock.get():
             s = self._session.get().get("kek")
             if s is None or s.spent():
                 if s is not None:
+                    del self._session.get()["kek"]
                     s.kek.wipe()
-                s = self._session.get()["kek"] = _Session(self.opts)
-                _audit("kms-generate", self.opts.key, arn=s.params.arn, kek_id=s.params.kek_id.hex())
+                s = _Session(self.opts)
+                try:
+                    _audit("kms-generate", s.params.arn, kek_id=s.params.kek_id.hex())
+                except BaseException:
+                    s.kek.wipe()
+                    raise
+                self._session.get()["kek"] = s
             s.uses_left -= 1
-            return s
+            return wrap_key(s.kek, salt), s.params
 
     def wrap(self, file_key: SecretBytes, context: bytes) -> Stanza:
-        s = self._current()
-        return seal_stanza(TYPE, s.params.kek_id, s.params.encode(), wrap_key(s.kek, context[12:28]), file_key, context)
+        wk, params = self._session_wrap_key(context[12:28])
+        return seal_stanza(TYPE, params.kek_id, params.encode(), wk, file_key, context)
 
     def arn(self) -> str:
         """The key's ARN (an alias or key id is resolved once, by ``DescribeKey``)."""
@@ -421,17 +490,22 @@ class KmsKey:
     def unwrap(self, stanza: Stanza, context: bytes) -> SecretBytes | None:
         check_stanza(stanza)
         p = KmsParams.decode(stanza.params)
-        wk, source = file_wrap_key(self.opts, p, context[12:28])
-        _audit(f"unwrap-{source}", self.opts.key, arn=p.arn, kek_id=p.kek_id.hex(), file_id=context[12:28], outcome="ok" if wk else "not-for-this-key")
+        wk, source, key = file_wrap_key(self.opts, p, context[12:28])
+        if key is not None:
+            self._fetched.add(key)
+        _audit(f"unwrap-{source}", p.arn, kek_id=p.kek_id.hex(), file_id=context[12:28], outcome="ok" if wk else "not-for-this-key")
         if wk is None:
             return None
         return open_stanza(stanza, wk, context)
 
     def wipe(self) -> None:
+        """Wipe the session KEK and every KEK this key had the process cache open."""
         with self._lock.get():
             s = self._session.get().pop("kek", None)
             if s is not None:
                 s.kek.wipe()
+        _cache.drop(self._fetched)
+        self._fetched.clear()
 
     def __repr__(self) -> str:
         return f"<KmsKey {self.opts.key} dataset={self.opts.dataset!r}>"
@@ -449,4 +523,8 @@ def load_kms(value: str, ref: str) -> KmsKey:
     return KmsKey(parse_reference(value, ref), ref)
 
 
-register(RecipientType(TYPE, (KmsKey,), check_stanza, schemes={SCHEME: load_kms}))
+MAX_PER_HEADER = 4
+"""``kms`` stanzas one header may hold (docs/FORMAT.md): each may cost a KMS call, so a hostile
+header cannot make one open cost more than this many."""
+
+register(RecipientType(TYPE, (KmsKey,), check_stanza, schemes={SCHEME: load_kms}, max_per_header=MAX_PER_HEADER))

@@ -111,25 +111,28 @@ PLUGIN_GROUP = "encfs.key_providers"
 """Entry-point group of key-provider plug-ins (docs/KEYS.md): each entry point names a module
 whose import registers its types (``register``), as the built-in modules do."""
 _plugins_loaded = False
+_plugin_errors: list[str] = []
 
 
 def load_plugins() -> None:
     """Import every installed key-provider plug-in, once per process. Called when a scheme or
     stanza type is not (yet) known, so plug-ins cost nothing until one is needed. A plug-in
-    that fails to import is a ``ConfigError`` naming it, never skipped silently."""
+    that fails to import does not stop the others; it is a ``ConfigError`` naming it on every
+    lookup that plug-ins were consulted for, never skipped silently."""
     global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    from importlib.metadata import entry_points
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        from importlib.metadata import entry_points
 
-    from ..errors import ConfigError
+        for ep in entry_points(group=PLUGIN_GROUP):
+            try:
+                ep.load()
+            except Exception as e:
+                _plugin_errors.append(f"{ep.name!r} ({ep.value}): {type(e).__name__}: {e}")
+    if _plugin_errors:
+        from ..errors import ConfigError
 
-    for ep in entry_points(group=PLUGIN_GROUP):
-        try:
-            ep.load()
-        except Exception as e:
-            raise ConfigError(f"key provider plug-in {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"key provider plug-in(s) failed to load: {'; '.join(_plugin_errors)}")
 
 
 def loader(scheme: str) -> Loader | None:
