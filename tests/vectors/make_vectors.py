@@ -82,7 +82,7 @@ def main() -> None:
         head = raw[:32] + body + h.mac
         return head + bytes(h.length - len(head)) + raw[h.length:]
 
-    bad("unknown-stanza-type", restanza(base, lambda st: Stanza("kms", st.key_id, st.params, st.body)), "FormatError", "recipient type 'kms' is unknown in v1")
+    bad("unknown-stanza-type", restanza(base, lambda st: Stanza("zzz", st.key_id, st.params, st.body)), "FormatError", "recipient type 'zzz' is unknown")
     bad("stanza-body-59", restanza(base, lambda st: Stanza(st.type, st.key_id, st.params, st.body[:59])), "FormatError", "wrapped key body must be 60 bytes")
     bad("x25519-low-order-share", restanza(xbase, lambda st: Stanza(st.type, st.key_id, bytes(32), st.body)), "FormatError", "ephemeral share 0: all-zero shared secret")
     bad("x25519-params-31", restanza(xbase, lambda st: Stanza(st.type, st.key_id, st.params[:31], st.body)), "FormatError", "x25519 params must be 32 bytes")
