@@ -198,10 +198,12 @@ class _Discard:
         return len(b)
 
 
-def all_files(fs: Any, root: str, keep: Callable[[str], bool] = lambda rel: True) -> dict[str, dict]:
+def all_files(fs: Any, root: str, keep: Callable[[str], bool] = lambda rel: True, others: list[str] | None = None) -> dict[str, dict]:
     """Every file below ``root`` (or ``root`` itself) by path relative to it, with its listing
     entry; encfs temporaries are not files of the dataset, and symlinks inside the tree are
-    not followed (a link's target is not the tree's to change)."""
+    not followed (a link's target is not the tree's to change). ``others`` collects what was
+    left out that is neither a directory nor a temporary (symlinks, devices), so that callers
+    can say so rather than drop it silently."""
     from .sink import is_temp_name
 
     root = root.rstrip("/")
@@ -214,9 +216,12 @@ def all_files(fs: Any, root: str, keep: Callable[[str], bool] = lambda rel: True
         return {}
     out = {}
     for path, entry in found.items():
-        if entry.get("type", "file") != "file" or is_temp_name(path) or entry.get("islink"):
-            continue
         rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
-        if keep(rel):
-            out[rel] = entry
+        if entry.get("type", "file") == "directory" or is_temp_name(path) or not keep(rel):
+            continue
+        if entry.get("type", "file") != "file" or entry.get("islink"):
+            if others is not None:
+                others.append(rel)
+            continue
+        out[rel] = entry
     return out

@@ -15,17 +15,18 @@ def copy_stream(src: Any, dst: Any, progress: Callable[[int], Any] = lambda n: N
     the bytes copied."""
     buf = bytearray(COPY_BLOCK)
     mv = memoryview(buf)
-    total = 0
+    total = used = 0
     try:
         while True:
             n = src.readinto(mv)
             if not n:
                 return total
+            used = max(used, n)
             write_all(dst, mv[:n])
             total += n
             progress(n)
     finally:
-        cleanse(buf)
+        cleanse(mv[:used])
 
 
 def write_all(dst: Any, data: memoryview) -> None:

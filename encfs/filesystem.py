@@ -379,7 +379,7 @@ class EncFileSystem(ChainedFileSystem):
             return EncryptedReader(self, path, reader, readahead=kwargs.get("readahead", self.readahead))
         if mode in ("wb", "xb"):
             with naming(path):
-                sink = open_sink(self.fs, path, block_size, exclusive=mode == "xb", durable=self.durable)
+                sink = open_sink(self.fs, path, block_size, exclusive=mode == "xb", durable=kwargs.get("durable", self.durable))
                 return EncryptedWriter(self, path, PayloadWriter(sink, self.keyring, self.backend, header_length=self.header_length), mode, autocommit=autocommit)
         if "a" in mode:
             raise NotImplementedError(

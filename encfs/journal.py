@@ -23,6 +23,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import EncfsError
 
@@ -64,14 +65,27 @@ def default_path(op: str, src: str, dst: str) -> Path:
 
 
 class Journal:
-    def __init__(self, path: str | os.PathLike, op: str, src: str, dst: str):
+    """``readonly``: only read what is recorded (a dry run writes nothing, not even a journal).
+    ``before_commit``: called before a flush that records objects as ``committed`` (a local
+    destination written without a per-file fsync is synced there, once for the batch)."""
+
+    def __init__(self, path: str | os.PathLike, op: str, src: str, dst: str, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        self.before_commit: Callable[[], None] | None = None
+        self._committing = False
         try:
-            self._db = sqlite3.connect(self.path, isolation_level="DEFERRED")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            if readonly and self.path.exists():
+                self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            elif readonly:
+                self._db = sqlite3.connect(":memory:")
+                self._db.executescript(_SCHEMA)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, isolation_level="DEFERRED")
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
             meta = dict(self._db.execute("SELECT k, v FROM meta"))
         except sqlite3.DatabaseError as e:
             raise JournalError(f"{self.path}: not a usable journal ({e})") from None
@@ -81,7 +95,7 @@ class Journal:
                 f"{self.path} is the journal of '{meta.get('op')} {meta.get('src')} {meta.get('dst')}', "
                 f"not of '{op} {src} {dst}'; pass another --journal"
             )
-        if not meta:
+        if not meta and not readonly:
             self._db.executemany("INSERT INTO meta VALUES (?, ?)", [*want.items(), ("created", str(time.time()))])
             self._db.commit()
         self._last_flush = time.monotonic()
@@ -95,6 +109,8 @@ class Journal:
         (size or stamp) starts over at ``listed``."""
         if known is not None and known.size == size and known.src_stamp == src_stamp:
             return known
+        if self.readonly:
+            return Row(rel, size, src_stamp, LISTED)
         self._db.execute(
             "INSERT OR REPLACE INTO objects (rel, size, src_stamp, state, updated) VALUES (?, ?, ?, ?, ?)",
             (rel, size, src_stamp, LISTED, time.time()),
@@ -110,6 +126,7 @@ class Journal:
             "attempts = attempts + ?, updated = ? WHERE rel = ?",
             (state, digest, dst_stamp, error, 1 if state in (WRITTEN, FAILED) else 0, time.time(), rel),
         )
+        self._committing = self._committing or state == COMMITTED
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:
@@ -117,7 +134,12 @@ class Journal:
             self.flush()
 
     def flush(self) -> None:
+        if self.readonly:
+            return
+        if self._committing and self.before_commit is not None:
+            self.before_commit()
         self._db.commit()
+        self._committing = False
         self._last_flush = time.monotonic()
 
     def counts(self) -> dict[str, int]:

@@ -29,16 +29,18 @@ from .journal import COMMITTED, FAILED, LISTED, WRITTEN, Journal, Row, default_p
 from .sink import fill_atomically, is_local, open_sink, remove_stale_temporaries
 
 
-def copy_object(src_fs: Any, src: str, dst_fs: Any, dst: str) -> dict:
+def copy_object(src_fs: Any, src: str, dst_fs: Any, dst: str, durable: bool = True) -> dict:
     """Copy one object's plaintext from ``src`` to ``dst`` (appearing whole or not at all);
-    return its size, SHA-256 and the destination's version stamp."""
+    return its size, SHA-256 and the destination's version stamp. ``durable=False``: a local
+    destination is not fsynced here (the driver syncs the filesystem once per batch, before
+    the journal counts any of the batch as committed)."""
     with src_fs.open(src, "rb") as r:
         d = bulk.Digesting(r)
         if isinstance(dst_fs, EncFileSystem):
-            with dst_fs.open(dst, "wb") as w:
+            with dst_fs.open(dst, "wb", durable=durable) as w:
                 copy_stream(d, w)
         else:
-            fill_atomically(open_sink(dst_fs, dst), lambda sink: copy_stream(d, sink))
+            fill_atomically(open_sink(dst_fs, dst, durable=durable), lambda sink: copy_stream(d, sink))
     dst_fs.invalidate_cache(dst)
     return {"size": d.n, "sha256": d.h.hexdigest(), "dst_stamp": bulk.stamp(dst_fs.info(dst))}
 
@@ -103,15 +105,19 @@ def migrate(
     ``in_place``: source and destination are the same objects (``reencrypt``), so an object
     whose version is the one this journal wrote is done (or, if only written, to be checked)."""
     t0 = time.perf_counter()
+    if not in_place:
+        _refuse_overlap(src_fs, src_root, dst_fs, dst_root, src_url, dst_url)
     keep = _keep(include or [], exclude or [])
-    sources = bulk.all_files(src_fs, src_root, keep)
+    others: list[str] = []
+    sources = bulk.all_files(src_fs, src_root, keep, others)
     single = src_fs.isfile(src_root.rstrip("/")) if sources else False
     if single:
         (rel,) = sources
         sources = {"": sources[rel]}
     jpath = journal_path or str(default_path(op, src_url, dst_url))
     out = Summary(objects=len(sources), journal=jpath, dry_run=dry_run)
-    with Journal(jpath, op, src_url, dst_url) as journal:
+    out.failed = [(_join(src_root, rel), "not a regular file (a symlink or special file): not migrated") for rel in others]
+    with Journal(jpath, op, src_url, dst_url, readonly=dry_run) as journal:
         known = journal.rows()
         dst_now = {rel: bulk.stamp(e) for rel, e in bulk.all_files(dst_fs, dst_root).items()} if not single else _single_stamp(dst_fs, dst_root)
         rows: dict[str, Row] = {}
@@ -134,11 +140,32 @@ def migrate(
             out.copied, out.checked = len(to_copy), len(to_check)
             out.seconds = time.perf_counter() - t0
             return out
+        durable = dask is not None or not is_local(_storage(dst_fs))  # (Dask workers' writes are theirs to sync)
+        if not durable:
+            journal.before_commit = lambda: sync_filesystem(_storage(dst_fs)._strip_protocol(dst_root))
         journal.flush()
-        _run(journal, rows, to_copy, to_check, src_fs, src_root, dst_fs, dst_root, jobs, dask, progress, out)
+        _run(journal, rows, to_copy, to_check, src_fs, src_root, dst_fs, dst_root, jobs, dask, progress, out, durable)
         _sweep_temporaries(dst_fs, dst_root, rows)
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _storage(fs: Any) -> Any:
+    return fs.fs if isinstance(fs, EncFileSystem) else fs
+
+
+def _refuse_overlap(src_fs: Any, src_root: str, dst_fs: Any, dst_root: str, src_url: str, dst_url: str) -> None:
+    """SRC and DST on the same storage must not contain one another: the copies would be
+    written over the source (SRC == DST replaces each object with its encrypted copy), or a
+    rerun would list the copies as sources and nest them ever deeper (DST inside SRC)."""
+    a, b = _storage(src_fs), _storage(dst_fs)
+    if type(a) is not type(b):
+        return
+    if not is_local(a) and getattr(a, "storage_options", None) != getattr(b, "storage_options", None):
+        return  # two differently configured stores (endpoints): cannot tell; assume apart
+    s, d = (posixpath.normpath(fs._strip_protocol(root)) for fs, root in ((a, src_root), (b, dst_root)))
+    if s == d or d.startswith(s.rstrip("/") + "/") or s.startswith(d.rstrip("/") + "/"):
+        raise EncfsError(f"SRC {src_url} and DST {dst_url} overlap: the copies would be written into the source; pick a DST outside SRC")
 
 
 def _sweep_temporaries(dst_fs: Any, dst_root: str, rows: dict[str, Row]) -> None:
@@ -167,8 +194,26 @@ def _size(fs: Any, entry: dict) -> int:
     return int(entry.get("size") or 0)
 
 
+def sync_filesystem(path: str) -> None:
+    """Make every write to the filesystem holding ``path`` durable (``syncfs``; ``sync`` where
+    that is missing): one call for a batch of files instead of an fsync each."""
+    import ctypes
+    import os
+
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs of {path} failed")
+    except AttributeError:
+        os.sync()
+    finally:
+        os.close(fd)
+
+
 def _run(journal: Journal, rows: dict[str, Row], to_copy: list[str], to_check: list[str], src_fs: Any, src_root: str,
-         dst_fs: Any, dst_root: str, jobs: int, dask: str | None, progress: bool, out: Summary) -> None:
+         dst_fs: Any, dst_root: str, jobs: int, dask: str | None, progress: bool, out: Summary, durable: bool = True) -> None:
     from tqdm import tqdm
 
     work = [("copy", rel) for rel in to_copy] + [("check", rel) for rel in to_check]
@@ -181,7 +226,7 @@ def _run(journal: Journal, rows: dict[str, Row], to_copy: list[str], to_check: l
             while pending and not runner.full:
                 kind, rel = pending.pop()
                 if kind == "copy":
-                    runner.submit((kind, rel), copy_object, src_fs, _join(src_root, rel), dst_fs, _join(dst_root, rel))
+                    runner.submit((kind, rel), copy_object, src_fs, _join(src_root, rel), dst_fs, _join(dst_root, rel), durable)
                 else:
                     row = rows[rel]
                     runner.submit((kind, rel), check_object, dst_fs, _join(dst_root, rel), row.digest, row.size)

@@ -52,7 +52,7 @@ class PayloadWriter:
         self._block = block_chunks * cs.CHUNK_SIZE
         self._pending: SecureBuffer | None = None
         self._fill = 0
-        self._outs = (bytearray(block_chunks * cs.CT_CHUNK_SIZE), bytearray(block_chunks * cs.CT_CHUNK_SIZE))
+        self._outs: list[bytearray] = [bytearray(), bytearray()]  # sized on first use: a small file needs little
         self._blocks = 0
         self._writes = Pipeline(1, "encfs-write")
         self.plaintext_written = 0
@@ -102,8 +102,8 @@ class PayloadWriter:
                     self._seal(mv[: self._block], final=False)
                     mv = mv[self._block :]
                     continue
-                pending = self._pending_buffer()
                 take = min(len(mv), self._block - self._fill)
+                pending = self._pending_buffer(self._fill + take)
                 pending[self._fill : self._fill + take] = mv[:take]
                 self._fill += take
                 mv = mv[take:]
@@ -116,16 +116,28 @@ class PayloadWriter:
         self.plaintext_written += n
         return n
 
-    def _pending_buffer(self) -> SecureBuffer:
-        if self._pending is None:
-            self._pending = SecureBuffer(self._block)
+    def _pending_buffer(self, need: int) -> SecureBuffer:
+        """The locked buffer of plaintext waiting for a whole block, at least ``need`` bytes:
+        grown by doubling up to one block, so that a small file locks (and wipes) only what
+        it holds, not a whole block."""
+        have = 0 if self._pending is None else len(self._pending)
+        if have < need:
+            grown = SecureBuffer(min(self._block, max(need, 2 * have, 64 << 10)))
+            if self._pending is not None:
+                memoryview(grown)[: self._fill] = memoryview(self._pending)[: self._fill]
+                self._pending.release()
+            self._pending = grown
         return self._pending
 
     def _seal(self, plain: memoryview, final: bool) -> None:
         chunks = split_plaintext(len(plain), final)
         if self._index + chunks > cs.MAX_CHUNKS:
             raise ValueError("file too large for Cobblestone-256 (2**38 chunks)")
-        out = memoryview(self._outs[self._blocks % 2])
+        buf = self._outs[self._blocks % 2]
+        need = len(plain) + (chunks + 1) * cs.TAG_SIZE
+        if len(buf) < need:
+            buf.extend(bytes(need - len(buf)))  # (never while written: the other buffer is the one in flight)
+        out = memoryview(buf)
         n = self._cipher.encrypt_into(self._index, plain, out, final)
         if final and not self._writes:
             self._sink.write(out[:n])
