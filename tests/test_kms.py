@@ -3,6 +3,8 @@ proxy in front of it (``X-Amz-Target``), independently of encfs's own counters."
 
 from __future__ import annotations
 
+import base64
+import json
 import multiprocessing
 import os
 import struct
@@ -296,7 +298,9 @@ def test_agent_cli_start_status_clear_stop(tmp_path):
 
 class StubKms:
     """A KMS endpoint on loopback that answers every call with one configured fault (moto does
-    not model throttling, disabled keys or denied policies): an error code, or no answer."""
+    not model throttling, disabled keys or denied policies): an error code, no answer
+    (``("hang", seconds)``), or a "decryption" to a KEK of its own choosing
+    (``("decrypts-to", kek)``: a hostile or misconfigured endpoint)."""
 
     def __init__(self) -> None:
         import http.server
@@ -308,13 +312,18 @@ class StubKms:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("content-length", 0)))
+                req = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 stub.calls.append(self.headers.get("x-amz-target", ""))
                 code, status = stub.fault
                 if code == "hang":
                     time.sleep(status)
                     return
-                body = ('{"__type": "%s", "message": "stub says %s"}' % (code, code)).encode()
+                if code == "decrypts-to":
+                    body = json.dumps({"Plaintext": base64.b64encode(status).decode(), "KeyId": req.get("KeyId", ""),
+                                       "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}).encode()
+                    status = 200
+                else:
+                    body = ('{"__type": "%s", "message": "stub says %s"}' % (code, code)).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/x-amz-json-1.1")
                 self.send_header("content-length", str(len(body)))

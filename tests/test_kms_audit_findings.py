@@ -29,35 +29,11 @@ from .test_kms import StubKms, agent, calls, kms_key, kms_proxy, ref, stub_kms, 
 pytest.importorskip("boto3")
 
 
-class FakeKms:
+def FakeKms(kek: bytes = b"A" * 32) -> StubKms:  # noqa: N802
     """A KMS-compatible endpoint that 'decrypts' every ciphertext to one KEK of its choosing."""
-
-    def __init__(self, kek: bytes = b"A" * 32) -> None:
-        self.calls: list[str] = []
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                req = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-                fake.calls.append(self.headers.get("x-amz-target", ""))
-                body = json.dumps({"Plaintext": base64.b64encode(kek).decode(), "KeyId": req.get("KeyId", ""),
-                                   "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-amz-json-1.1")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+    stub = StubKms()
+    stub.fault = ("decrypts-to", kek)
+    return stub
 
 
 def _stanza(path: str) -> tuple[fmt.Stanza, bytes]:
