@@ -5,7 +5,6 @@ Each test asserts the correct (documented) behaviour, so it fails while its defe
 
 from __future__ import annotations
 
-import base64
 import http.server
 import json
 import os
