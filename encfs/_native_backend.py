@@ -28,14 +28,13 @@ from typing import Any
 
 from . import env, forking, securemem
 from ._native import ffi, lib
+from .backend import AES_ENV, AES_NAMES
 from .cobblestone import CHUNK_SIZE, KEY_SIZE, NONCE_SIZE, span_chunk_count
 from .errors import ConfigError, EncfsError, FormatError, IntegrityError
 from .secret import SecretBytes
 
 __all__ = ["AES_ENV", "AES_NAMES", "NativeBackend", "NativeChunkCipher", "aes_available", "aes_describe", "aes_impl", "native_status"]
 
-AES_ENV = "ENCFS_AES"
-AES_NAMES = ("auto", "openssl", "ipsec-mb")
 _AES_CODES = {"auto": lib.ENCFS_AES_AUTO, "openssl": lib.ENCFS_AES_OPENSSL, "ipsec-mb": lib.ENCFS_AES_IPSEC_MB}
 _AES_BY_CODE = {code: name for name, code in _AES_CODES.items()}
 

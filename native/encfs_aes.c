@@ -121,7 +121,7 @@ static uint64_t clock_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-#define CAL_ROUNDS 5
+#define CAL_ROUNDS 7
 #define CAL_CHUNKS 4
 #define CAL_MARGIN 1.03 /* another arch must beat the default by 3% to be picked */
 
@@ -139,8 +139,9 @@ static uint64_t time_ops(const imb_ops_t *o, const struct gcm_key_data *gkd, uin
     return best;
 }
 
-/* Of the candidate archs, the one whose decrypt runs fastest here; `fallback` unless another
- * beats it by CAL_MARGIN. */
+/* Of the candidate archs (in ascending order), the one whose decrypt runs fastest here: from
+ * `fallback`, each lower arch in turn replaces the pick only when it beats it by CAL_MARGIN, so
+ * near ties keep the newer code and noise rarely changes the choice. */
 static int fastest(const imb_ops_t *cand, int n, int fallback) {
     static _Alignas(64) uint8_t buf[ENCFS_CHUNK_SIZE], dst[ENCFS_CHUNK_SIZE];
     static const uint8_t zero_key[ENCFS_KEY_SIZE];
@@ -153,7 +154,7 @@ static int fastest(const imb_ops_t *cand, int n, int fallback) {
     for (int i = 0; i < n; i++) t[i] = time_ops(&cand[i], &gkd[i], buf, dst);
     int pick = fallback;
     uint64_t pick_t = t[fallback];
-    for (int i = 0; i < n; i++)
+    for (int i = fallback - 1; i >= 0; i--)
         if ((double)t[i] * CAL_MARGIN < (double)pick_t) pick = i, pick_t = t[i];
     return pick;
 }

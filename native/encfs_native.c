@@ -646,6 +646,13 @@ size_t encfs_aes_key_size(void) { return sizeof(aes_key_t) + 64; }
 
 int encfs_aes_available(int impl) { return aes_available(impl); }
 
+int encfs_aes_built(int impl) {
+#ifdef ENCFS_HAVE_IPSEC_MB
+    if (impl == ENCFS_AES_IPSEC_MB) return 1;
+#endif
+    return impl == ENCFS_AES_OPENSSL || impl == ENCFS_AES_AUTO;
+}
+
 int encfs_aes_key_init(void *ks, const uint8_t *key, int impl) { return aes_key_init(key_in(ks), key, impl); }
 
 int encfs_aes_key_impl(const void *ks) {

@@ -41,8 +41,9 @@ size_t encfs_aes_key_size(void);
 int encfs_aes_key_init(void *ks, const uint8_t *key, int impl);
 /* The implementation a schedule was made for; ENCFS_E_ARG when ks holds none usable here. */
 int encfs_aes_key_impl(const void *ks);
-/* 1 when impl can run in this build on this CPU. */
+/* 1 when impl can run in this build on this CPU; built: 1 when this build has impl's code. */
 int encfs_aes_available(int impl);
+int encfs_aes_built(int impl);
 /* What impl runs as, e.g. "ipsec-mb 1.3.0 avx (...)" or "openssl 3.0.17 EVP"; "unavailable". */
 const char *encfs_aes_describe(int impl);
 
