@@ -169,7 +169,7 @@ static void participate(task_t *t) {
 
 /* The place in scratch to open this task's chunks: 256 bytes past the destination's offset in
  * its page. Every chunk's destination has the same page offset (chunks are 16 KiB apart); a
- * copy whose source sits 16 bytes past its destination modulo 4 KiB (a page-aligned scratch
+ * copy whose destination sits 16 bytes past its source modulo 4 KiB (a page-aligned scratch
  * and a buffer from malloc's mmap, e.g. a large bytearray) runs at a tenth of the speed on
  * some CPUs (AMD Zen 3: 3 GB/s instead of 45), which halved decrypt throughput. */
 static uint8_t *scratch_at(uint8_t *scratch, const uint8_t *dst) {
