@@ -44,7 +44,8 @@ from encfs.keys import SymmetricKey, key_file_text  # noqa: E402
 GB = 1e9
 CHUNK, CT_CHUNK = cs.CHUNK_SIZE, cs.CT_CHUNK_SIZE
 FLAGS = ("aes", "pclmulqdq", "avx", "avx2", "avx512f", "vaes", "vpclmulqdq", "gfni", "sha_ni")
-ROUTING_SPANS = (1, 2, 4, 8, 16, 32, 64, 256)
+ROUTING_SPANS = (1, 2, 3, 4, 8, 16, 64, 256)
+SPAN_CHUNKS = 256
 
 
 def cpu_flags() -> str:
@@ -101,37 +102,37 @@ def limits(t: Table, reps: int) -> dict[str, float]:
         def one() -> None:
             assert lib.encfs_gcm_open_impl(*args) == len(msg)
 
-        res[name] = t.add(f"limit: {name}, one 4 MiB message, 1 thread", len(msg) / best_of(one, reps * 3) / GB, nb.aes_describe(name))
+        res[name] = t.add(f"limit: {name}, one 4 MiB message, 1 thread", len(msg) / best_of(one, reps * 10) / GB, nb.aes_describe(name))
     aead, mv = AESGCM(key), memoryview(dst)
-    res["pyca"] = t.add("limit: pyca AESGCM.decrypt_into, one 4 MiB message", len(msg) / best_of(lambda: aead.decrypt_into(iv, ct_tag, None, mv), reps * 3) / GB,
+    res["pyca"] = t.add("limit: pyca AESGCM.decrypt_into, one 4 MiB message", len(msg) / best_of(lambda: aead.decrypt_into(iv, ct_tag, None, mv), reps * 10) / GB,
                         f"cryptography {cryptography.__version__}")
     assert bytes(dst) == msg
     return res
 
 
 def chunk_loops(t: Table, reps: int) -> dict[str, float]:
-    """16 KiB chunks of a 16 MiB span opened into a buffer on one thread, per implementation;
-    native on 2 threads too."""
+    """16 KiB chunks of a 4 MiB span (the limit's message size) opened into a buffer on one
+    thread, per implementation; native on 2 threads too."""
     key, nonce = os.urandom(32), os.urandom(12)
-    pt, ct = span(1024, key, nonce)
+    pt, ct = span(SPAN_CHUNKS, key, nonce)
     out = bytearray(len(pt))
     src, dst = memoryview(ct), memoryview(out)
     res: dict[str, float] = {}
     for name in nb.aes_available():
         for threads in (1, 2):
             c = nb.NativeBackend(threads=threads, aes=name).chunk_cipher(memoryview(key), nonce)
-            gbps = len(pt) / best_of(lambda: c.decrypt_into(0, src, dst), reps * 2) / GB
+            gbps = len(pt) / best_of(lambda: c.decrypt_into(0, src, dst), reps * 10) / GB
             c.close()
             assert out == pt
             res[f"{name}{threads}"] = t.add(f"encfs native over {name}, 16 KiB chunks, {threads} thread(s)", gbps)
     aead = AESGCM(key)
-    nonces = [cs.chunk_nonce(nonce, i) for i in range(1024)]
+    nonces = [cs.chunk_nonce(nonce, i) for i in range(SPAN_CHUNKS)]
 
     def pyca() -> None:
         for i, n in enumerate(nonces):
             aead.decrypt_into(n, src[i * CT_CHUNK : (i + 1) * CT_CHUNK], None, dst[i * CHUNK : (i + 1) * CHUNK])
 
-    res["pyca"] = t.add("pyca AESGCM.decrypt_into loop, 16 KiB chunks, 1 thread", len(pt) / best_of(pyca, reps * 2) / GB)
+    res["pyca"] = t.add("pyca AESGCM.decrypt_into loop, 16 KiB chunks, 1 thread", len(pt) / best_of(pyca, reps * 10) / GB)
     assert out == pt
     return res
 
@@ -189,11 +190,13 @@ def routing(reps: int) -> list[str]:
             for f in [pool.submit(py.decrypt_into, a, src[a * CT_CHUNK : b * CT_CHUNK], dst[a * CHUNK : b * CHUNK]) for a, b in parts]:
                 f.result()
 
-        calls = max(3, 2048 // n)
-        got = {}
-        for label, fn in (("native", lambda: native.decrypt_into(0, src, dst)), ("threads", threaded), ("python", lambda: py.decrypt_into(0, src, dst))):
-            got[label] = len(pt) * calls / best_of(lambda: [fn() for _ in range(calls)], reps * 2) / GB
-            assert out == pt
+        calls = max(3, 1024 // n)
+        got: dict[str, float] = {}
+        for _ in range(reps * 4):  # the three interleaved, so a noisy moment hits all of them
+            for label, fn in (("native", lambda: native.decrypt_into(0, src, dst)), ("threads", threaded), ("python", lambda: py.decrypt_into(0, src, dst))):
+                gbps = len(pt) * calls / best_of(lambda: [fn() for _ in range(calls)], 1) / GB
+                got[label] = max(got.get(label, 0.0), gbps)
+                assert out == pt
         best = max(got, key=got.get)
         lines.append(f"| {n} | {got['native']:.2f} | {got['threads']:.2f} | {got['python']:.2f} | {best} |")
         print("  routing", lines[-1], flush=True)

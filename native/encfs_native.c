@@ -631,13 +631,13 @@ int64_t encfs_gcm_open_impl(int impl, const uint8_t *key, size_t key_len, const 
 int64_t encfs_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
                        const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
                        uint8_t *out, size_t out_cap) {
-    return encfs_gcm_seal_impl(ENCFS_AES_AUTO, key, key_len, iv, iv_len, aad, aad_len, pt, pt_len, out, out_cap);
+    return encfs_gcm_seal_impl(ENCFS_AES_OPENSSL, key, key_len, iv, iv_len, aad, aad_len, pt, pt_len, out, out_cap);
 }
 
 int64_t encfs_gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
                        const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t ct_len,
                        uint8_t *out, size_t out_cap) {
-    return encfs_gcm_open_impl(ENCFS_AES_AUTO, key, key_len, iv, iv_len, aad, aad_len, ct, ct_len, out, out_cap);
+    return encfs_gcm_open_impl(ENCFS_AES_OPENSSL, key, key_len, iv, iv_len, aad, aad_len, ct, ct_len, out, out_cap);
 }
 
 /* ---- AES implementations ---- */

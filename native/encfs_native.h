@@ -90,7 +90,8 @@ int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint
  * encfs seals and opens files through the chunk functions above; these are the same AES calls
  * with AAD, checked against Wycheproof by the tests (tests/native_helpers.py,
  * tests/test_aes_impls.py), and give the benchmarks the one-message limit
- * (benchmarks/bench_throughput.py). The _impl forms take ENCFS_AES_*; the others AUTO. */
+ * (benchmarks/bench_throughput.py, bench_aes.py). The _impl forms take ENCFS_AES_*; the plain
+ * forms are OpenSSL EVP, as they always were. */
 int64_t encfs_gcm_seal_impl(int impl, const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
                             const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
                             uint8_t *out, size_t out_cap);
