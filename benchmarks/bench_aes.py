@@ -158,15 +158,20 @@ def file_read(t: Table, size: int, reps: int, workdir: Path) -> dict[str, float]
             while f.readinto(buf):
                 pass
 
-    res = {"plain": t.add("plaintext read of a file the same size (page cache)", size / best_of(lambda: read(f"file://{plain}"), reps) / GB)}
+    best: dict[str, float] = {}
     saved = os.environ.get(nb.AES_ENV)
     try:
-        for aes in nb.aes_available():
-            os.environ[nb.AES_ENV] = aes
-            res[aes] = t.add(f"encfs::file:// sequential read, ENCFS_AES={aes}", size / best_of(lambda: read(f"encfs::file://{enc}", **opts), reps) / GB)
+        for _ in range(reps * 2):  # the variants interleaved, so a noisy moment hits all of them
+            best["plain"] = max(best.get("plain", 0.0), size / best_of(lambda: read(f"file://{plain}"), 1) / GB)
+            for aes in nb.aes_available():
+                os.environ[nb.AES_ENV] = aes
+                best[aes] = max(best.get(aes, 0.0), size / best_of(lambda: read(f"encfs::file://{enc}", **opts), 1) / GB)
     finally:
         os.environ.pop(nb.AES_ENV, None) if saved is None else os.environ.__setitem__(nb.AES_ENV, saved)
-    return res
+    t.add("plaintext read of a file the same size (page cache)", best["plain"])
+    for aes in nb.aes_available():
+        t.add(f"encfs::file:// sequential read, ENCFS_AES={aes}", best[aes])
+    return best
 
 
 def routing(reps: int) -> list[str]:
