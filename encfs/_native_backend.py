@@ -170,11 +170,12 @@ class NativeChunkCipher:
         if len(base_nonce) != NONCE_SIZE:
             raise ValueError("base nonce must be 12 bytes")
         self._inuse = 0
+        code = _AES_CODES[aes_impl(aes)]
         self._key: SecretBytes | None = SecretBytes(bytes(lib.encfs_aes_key_size()))
         self._key_ptr: Any = ffi.from_buffer("uint8_t[]", self._key.view())
         raw = ffi.from_buffer("uint8_t[]", key)
         try:
-            rc = lib.encfs_aes_key_init(self._key_ptr, raw, _AES_CODES[aes_impl(aes)])
+            rc = lib.encfs_aes_key_init(self._key_ptr, raw, code)
         finally:
             ffi.release(raw)
         if rc < 0:
