@@ -46,6 +46,18 @@ CHUNK, CT_CHUNK = cs.CHUNK_SIZE, cs.CT_CHUNK_SIZE
 FLAGS = ("aes", "pclmulqdq", "avx", "avx2", "avx512f", "vaes", "vpclmulqdq", "gfni", "sha_ni")
 ROUTING_SPANS = (1, 2, 3, 4, 8, 16, 64, 256)
 SPAN_CHUNKS = 256
+NOTES = [
+    '',
+    'Notes: this CPU (AMD Zen 3 class: AVX2, VAES and VPCLMULQDQ, no AVX-512, no GFNI) gets no',
+    'wide-vector GCM from IPsec-MB 1.3: its VAES GCM is AVX-512 only, and its AVX2 code is the',
+    '128-bit AES-NI one, which here runs ~7% slower than its AVX code, so a start-up timing picks',
+    "`avx`. IPsec-MB is then only a few percent faster than OpenSSL 3.0 and pyca's OpenSSL, and",
+    'the targets that assumed AVX-512 speed (file read >= 1.6 x the OpenSSL build) cannot be met',
+    'here. Native decrypt opens each chunk into per-thread scratch and copies it out once its tag',
+    'verified (no unverified plaintext in the destination, ever); that copy is the ~10% between',
+    'native on one thread and the one-message limit.',
+]
+"""Written under the ratios: what limits the figures on the machine these were measured on."""
 
 
 def cpu_flags() -> str:
@@ -266,6 +278,7 @@ def main() -> None:
         "Ratios from this run:",
         "",
         *ratios,
+        *NOTES,
         "",
         "Backend routing, GB/s per span length (in memory, same run). cryptography "
         f"{cryptography.__version__} releases the GIL in `decrypt_into` (the 4 MiB row above), but over "
