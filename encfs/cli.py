@@ -1,4 +1,4 @@
-"""The ``encfs`` command: keygen, pubkey, key id, encrypt, decrypt, ls, cat, verify, inspect, rewrap, clean, doctor, agent, audit, migrate, revoke, reencrypt, status.
+"""The ``encfs`` command: keygen, pubkey, key id, encrypt, decrypt, ls, cat, verify, inspect, rewrap, clean, doctor, agent, audit, manifest, migrate, revoke, reencrypt, status.
 
 Errors are one line on stderr and exit status 1 (``--debug`` for a traceback). ``encrypt`` and
 ``decrypt`` take several sources or globs (``'raw/*.parquet' enc/``: the last argument is then a
@@ -1494,6 +1494,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import audit  # noqa: PLC0415
 
     audit.add_subcommand(sub, parents=[common])
+
+    from . import manifest  # noqa: PLC0415
+
+    manifest.add_subcommand(sub, parents=[common], storage_parents=[common, storage])
 
     sp = sub.add_parser("revoke", parents=[common, storage], help="remove a recipient from every file under prefixes that has it")
     keys(sp, identity=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -94,8 +94,9 @@ class EncryptedNpyDataset(RecordShards):
         *,
         max_header_size: int = NPY_MAX_HEADER_SIZE,
         worker_threads: int | None = 1,
+        manifest: Any = None,
     ):
-        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads)
+        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads, manifest=manifest)
         headers = [read_npy_header(self.shards, k, max_header_size) for k in range(len(self.shards))]
         shape, dtype, _ = headers[0]
         for k, (s, d, _) in enumerate(headers):

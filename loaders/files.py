@@ -36,8 +36,11 @@ class EncryptedFileDataset:
     loading = "threads"
     """How ``EncryptedLoader`` reads this dataset unless told otherwise (threads, not processes)."""
 
-    def __init__(self, urls: str | Iterable[str], decode: Callable[[memoryview], Any] = as_bytes, storage_options: dict | None = None, *, worker_threads: int | None = 1):
-        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads)
+    def __init__(
+        self, urls: str | Iterable[str], decode: Callable[[memoryview], Any] = as_bytes, storage_options: dict | None = None, *,
+        worker_threads: int | None = 1, manifest: Any = None,
+    ):
+        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads, manifest=manifest)
         self.decode = decode
 
     def __len__(self) -> int:

@@ -146,8 +146,9 @@ class EncryptedParquetDataset:
         storage_options: dict | None = None,
         *,
         worker_threads: int | None = 1,
+        manifest: Any = None,
     ) -> None:
-        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads)
+        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads, manifest=manifest)
         self.columns = None if columns is None else list(columns)
         self.transform = transform
         self.groups: list[tuple[int, int]] = []

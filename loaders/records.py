@@ -112,11 +112,12 @@ class EncryptedRecordDataset(RecordShards):
         *,
         worker_threads: int | None = 1,
         backend: str | None = "default",
+        manifest: Any = None,
     ):
         first = urls if isinstance(urls, str) else next(iter(urls := list(urls)), "")
         if not first.startswith("encfs"):  # a plaintext baseline has no cipher
             backend = None
-        self.shards = ShardSet(urls, with_backend(storage_options, backend), worker_threads=worker_threads)
+        self.shards = ShardSet(urls, with_backend(storage_options, backend), worker_threads=worker_threads, manifest=manifest)
         self.dtype = np.dtype(dtype)
         self.record_shape = tuple(int(d) for d in record_shape)
         self.record_bytes = int(np.prod(self.record_shape, dtype=np.int64)) * self.dtype.itemsize

@@ -23,6 +23,12 @@ spawn and forkserver workers, but a fork worker whose parent had already read en
 Making a ``ShardSet`` opens each file once (header and final chunk authenticated, size
 recorded) and closes it again, so a parent that only hands the set to workers holds no open
 files or file keys; each process then opens a file on its first read of it, and keeps it open.
+
+``manifest=`` (docs/MANIFESTS.md): the set is checked against a signed dataset manifest when
+it is made (signature, minimum version, no file outside the manifest, none that a glob should
+match missing), and every open of a file, in every process, compares its authenticated file
+id, key commitment and size with the manifest's entry (``ManifestError`` before any byte of it
+is returned). Only the entries of the set's files travel to workers, not the signature.
 """
 
 from __future__ import annotations
@@ -171,13 +177,20 @@ class ShardSet:
     configured fails here, with an error that names it.
     """
 
-    def __init__(self, urls: str | Iterable[str], storage_options: dict | None = None, *, worker_threads: int | None = 1):
+    def __init__(self, urls: str | Iterable[str], storage_options: dict | None = None, *, worker_threads: int | None = 1, manifest: Any = None):
         self.storage_options: dict = dict(storage_options or {})
         self.worker_threads = worker_threads
+        self.expected: Any = None
+        """``encfs.manifest.ShardCheck`` of ``manifest=``: every open is checked against it."""
+        self._globs: list[str] = []
         self.urls, self.paths = self._expand([urls] if isinstance(urls, str) else list(urls))
         if not self.paths:
             raise ValueError(f"no files match {urls!r}")
         self._proc: ForkLocal[_Process] = ForkLocal(self._make_process)
+        if manifest is not None:
+            from encfs.manifest import for_shards
+
+            self.expected = for_shards(manifest, self.fs, self.paths, self._globs)
         self.sizes: list[int] = [self.reader(k).size for k in range(len(self.paths))]
         self.close()
 
@@ -193,6 +206,8 @@ class ShardSet:
                 elif _chain(url) != chain:
                     raise ValueError(f"{url}: every shard must be on the same filesystem with the same options as {urls[0]}")
                 found = sorted(fs.glob(path)) if _MAGIC.search(path) else [path]
+                if _MAGIC.search(path):
+                    self._globs.append(path)
                 if not found:
                     raise FileNotFoundError(f"no files match {url}")
                 for p in found:
@@ -225,13 +240,32 @@ class ShardSet:
         with proc.lock:
             r = proc.readers.get(k)
             if r is None:
-                r = proc.open(self.paths[k])
+                try:
+                    r = proc.open(self.paths[k])
+                except FileNotFoundError:
+                    if getattr(self, "expected", None) is None:
+                        raise
+                    from encfs.manifest import ManifestError
+
+                    raise ManifestError(self.paths[k], "missing", "in the manifest but not in storage") from None
+                self.check_opened(k, r)
                 sizes = getattr(self, "sizes", None)
                 if sizes is not None and r.size != sizes[k]:
                     r.close()
                     raise with_path(FileChangedError(f"plaintext size is now {r.size}, was {sizes[k]} when the dataset was made"), self.paths[k])
                 proc.readers[k] = r
         return r
+
+    def check_opened(self, k: int, reader: Any) -> None:
+        """With ``manifest=``: ``ManifestError`` (reader closed) unless the just-opened file
+        ``k`` is the one the manifest records; nothing otherwise."""
+        expected = getattr(self, "expected", None)
+        if expected is not None:
+            try:
+                expected.check(k, reader, self.paths[k])
+            except BaseException:
+                reader.close()
+                raise
 
     def read_chunks(self, k: int, first: int, count: int, out: memoryview) -> int:
         """Decrypt chunks ``first..first+count-1`` of shard ``k`` into ``out`` (one call)."""
@@ -244,7 +278,10 @@ class ShardSet:
             proc.close()
 
     def __getstate__(self) -> dict:
-        return {"urls": self.urls, "paths": self.paths, "storage_options": self.storage_options, "sizes": self.sizes, "worker_threads": self.worker_threads}
+        return {
+            "urls": self.urls, "paths": self.paths, "storage_options": self.storage_options, "sizes": self.sizes,
+            "worker_threads": self.worker_threads, "expected": self.expected,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

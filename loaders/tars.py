@@ -83,7 +83,14 @@ def open_shard(shards: ShardSet, k: int, **encfs_options: Any) -> BinaryIO:
     the plain file otherwise (the plaintext baseline; unbuffered on remote stores)."""
     fs, path = shards.fs, shards.paths[k]
     if hasattr(fs, "open_reader"):
-        return fs.open(path, "rb", **encfs_options)
+        f = fs.open(path, "rb", **encfs_options)
+        shards.check_opened(k, f)
+        expected = getattr(shards, "expected", None)
+        if expected is not None:  # manifest=: the plaintext is hashed as it is read (DigestingReader)
+            from encfs.manifest import DigestingReader
+
+            return DigestingReader(f, expected.entries[k], path)
+        return f
     return fs.open(path, "rb") if is_local(fs) else fs.open(path, "rb", cache_type="none")
 
 
@@ -145,8 +152,9 @@ class EncryptedTarDataset(_IterableBase):  # type: ignore[misc,valid-type]
         rank: int | None = None,
         bufsize: int = 1 << 20,
         worker_threads: int | None = 1,
+        manifest: Any = None,
     ) -> None:
-        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads)
+        self.shards = ShardSet(urls, storage_options, worker_threads=worker_threads, manifest=manifest)
         self.decode = decode
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -212,6 +220,8 @@ class EncryptedTarDataset(_IterableBase):  # type: ignore[misc,valid-type]
                 tar = tarfile.open(fileobj=f, mode="r|", bufsize=self.bufsize)
                 yield from self._group(tar, k, url, skip)
                 f.check_end(tar.offset)
+                if hasattr(raw, "finish"):  # manifest=: the rest read, the plaintext digest checked
+                    raw.finish()
             except tarfile.TarError as e:
                 raise tarfile.ReadError(f"{path}: {e}") from e
 
