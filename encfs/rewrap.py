@@ -56,7 +56,7 @@ def _reheader(
         missing = sorted(getattr(r, "label", str(r)) for r in remove if not any(names(r, s) for s in header.stanzas))
         if missing:
             raise EncfsError(f"no stanza matches {missing}; the file has {header.labels()}")
-        new = [r.wrap(file_key, header.context) for r in add]
+        new = [r.wrap(file_key, header.context) for r in add if not has_recipient(keep, r)]  # (never the same recipient twice)
         if not keep + new:
             raise EncfsError("refusing to remove every recipient: nobody could open the file")
         out = fmt.Header(header.file_id, keep + new)

@@ -145,3 +145,12 @@ def test_a_killed_rewrap_never_leaves_a_file_that_does_not_open(tmp_path):
     cli("clean", str(tmp_path), check=False)
     assert EncFileSystem(key=a, skip_instance_cache=True).cat_file(str(path)) == data
     assert len(leftovers) <= 20
+
+
+def test_adding_a_recipient_a_file_has_does_not_duplicate_its_stanza(tree):
+    root, a, b, files = tree
+    p = sorted(files)[0]
+    cli("rewrap", "-k", a, "--add", b, p)
+    cli("rewrap", "-k", a, "--add", b, p)
+    labels = EncFileSystem(key=a, skip_instance_cache=True).open(p).header.labels()
+    assert len(labels) == len(set(labels)) == 2, labels
