@@ -70,11 +70,13 @@ def _reheader(
 
 def has_recipient(stanzas: Sequence[fmt.Stanza], recipient: Any) -> bool:
     """Whether a header already holds a stanza for ``recipient`` (adding it again would only
-    duplicate it): by type and key id, or, for a key whose stanzas carry no fixed id, ``owns``."""
+    duplicate it): by type and key id, or, for a key whose stanzas carry no fixed id, ``owns``.
+    A key with neither (a passphrase) is never taken as present: another passphrase is another
+    recipient, and the header's own limits decide."""
     if hasattr(recipient, "owns"):
         return any(recipient.owns(s) for s in stanzas)
     kid = getattr(recipient, "key_id", b"")
-    return any(s.type == recipient.type and (not kid or s.key_id == kid) for s in stanzas)
+    return bool(kid) and any(s.type == recipient.type and s.key_id == kid for s in stanzas)
 
 
 def names(removal: Removal, stanza: fmt.Stanza) -> bool:
