@@ -175,13 +175,6 @@ def error_fields(exc: BaseException) -> dict[str, str]:
     return out
 
 
-def recipient_label(key: Any) -> str:
-    """How a loaded key shows in a header: ``type:keyid-hex`` (``type`` alone without an id)."""
-    kid = getattr(key, "key_id", b"")
-    kind = getattr(key, "type", "?")
-    return f"{kind}:{kid.hex()}" if isinstance(kid, bytes) and kid else str(kind)
-
-
 def _file_id_hex(file_id: bytes | None) -> str | None:
     if file_id is None:
         return None

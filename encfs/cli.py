@@ -37,6 +37,7 @@ from .errors import ConfigError, EncfsError, KeyReferenceError, naming
 from .filesystem import EncFileSystem
 from .header import open_header, read_header
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
+from .keys.base import key_label
 from .rewrap import rewrap
 from .securemem import cleanse
 from .sink import LocalSink, Sink, fill_atomically, is_local, is_temp_name, open_sink, remove_stale_temporaries, temp_name
@@ -133,13 +134,6 @@ def url_to_fs(arg: str, options: dict[str, Any] | None = None) -> tuple[Any, str
 
 def _keyring(args: argparse.Namespace) -> KeyRing:
     return KeyRing(args.key or None, getattr(args, "recipient", None) or None, getattr(args, "identity", None) or None)
-
-
-def key_label(key: Any) -> str:
-    """A key's id as headers show it (``Stanza.label``): ``key:<hex>``, ``x25519:<hex>``; a
-    type without ids (passphrase) is its type alone."""
-    kid = getattr(key, "key_id", b"")
-    return f"{key.type}:{kid.hex()}" if kid else key.type
 
 
 _bare_paths_noted: set[str] = set()

@@ -216,10 +216,16 @@ def _ranged_get(fs: Any, path: str, start: int, end: int, etag: str | None) -> b
         try:
             return _fetch_range(fs, bucket, key, version, start, end, req_kw={"IfMatch": etag}, details={"name": path, "ETag": etag})
         except OSError as e:
-            if e.args and e.args[0] == errno.EINVAL and "pre-conditions" in str(e.args[-1]):
+            if precondition_failed(e):
                 raise FileExpired(filename=path, e_tag=etag) from e
             raise
     return fs.cat_file(path, start=start, end=end)
+
+
+def precondition_failed(e: OSError) -> bool:
+    """Whether s3fs's error is S3's 412 (an ``If-Match`` that no longer holds: the object was
+    replaced)."""
+    return bool(e.args) and e.args[0] == errno.EINVAL and "pre-conditions" in str(e.args[-1])
 
 
 STRONG_STAMPS = ("ETag", "etag", "generation", "VersionId", "version_id")

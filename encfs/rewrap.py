@@ -25,6 +25,7 @@ from .copying import RangeReader, copy_stream
 from .errors import EncfsError, naming
 from .header import read_header, unlock
 from .keys import KeyRing, Recipient
+from .keys.base import key_label
 from .remote import is_s3
 from .sink import LocalSink, Sink, fill_atomically, is_local, open_sink
 from .target import Target
@@ -175,6 +176,6 @@ def rewrap(
             res.in_place = False
             return res
         except Exception as e:
-            added = [audit.recipient_label(r) for r in add]
+            added = [key_label(r) for r in add]
             audit.record(audit.REWRAP, outcome=audit.FAILED, added=added, removed=[getattr(r, 'label', str(r)) for r in remove], **audit.error_fields(e))
             raise

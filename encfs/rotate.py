@@ -22,6 +22,7 @@ from .errors import EncfsError, naming
 from .header import read_header, unlock
 from .journal import COMMITTED, FAILED, Journal, default_path
 from .keys import KeyRing, load_reference
+from .keys.base import key_label
 from .migrate import Summary
 from .rewrap import has_recipient, names, rewrap
 from .target import Target
@@ -43,8 +44,7 @@ def removal_for(value: str) -> Any:
     if hasattr(key, "owns"):
         return key
     try:
-        kid = getattr(key, "key_id", b"")
-        return f"{key.type}:{kid.hex()}" if kid else key.type
+        return key_label(key)
     finally:
         getattr(key, "wipe", lambda: None)()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import FileChangedError
 from .pipeline import Pipeline
-from .remote import RemoteObject, parts
+from .remote import RemoteObject, parts, precondition_failed
 from .sink import S3_MAX_PART, S3_MAX_PARTS, S3_MIN_PART
 
 COPY_PART = 1 << 30
@@ -51,11 +51,6 @@ def copies_tail(src: RemoteObject, head_length: int, start: int) -> bool:
     return bool(src.etag) and src.size - start - _lead(head_length, start, src.size) >= MIN_COPY
 
 
-def _changed(e: OSError) -> bool:
-    """Whether s3fs's error is S3's 412 (an ``If-Match`` that no longer holds)."""
-    return bool(e.args) and e.args[0] == errno.EINVAL and "pre-conditions" in str(e.args[-1])
-
-
 class TailCopySink:
     """A sink (``sink.fill_atomically``) for ``src``'s own key: what is written to it is the new
     head; ``commit`` uploads that head and the bytes of ``src`` from ``start`` on (read by the
@@ -79,7 +74,7 @@ class TailCopySink:
         try:
             return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kw)
         except OSError as e:
-            if _changed(e):
+            if precondition_failed(e):
                 msg = f"the object was replaced while it was being rewritten (its ETag is no longer {self.src.etag}); nothing was changed"
                 raise FileChangedError(msg) from e
             raise

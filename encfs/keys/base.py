@@ -81,5 +81,13 @@ def open_stanza(stanza: Stanza, wrap_key: SecretBytes, context: bytes) -> Secret
         wrap_key.wipe()
 
 
+def key_label(key: object) -> str:
+    """How a loaded key shows in a header (``Stanza.label``): ``type:keyid-hex``, or its type
+    alone for a type without ids (passphrase)."""
+    kid = getattr(key, "key_id", b"")
+    kind = getattr(key, "type", "?")
+    return f"{kind}:{kid.hex()}" if isinstance(kid, bytes) and kid else str(kind)
+
+
 def new_file_key() -> SecretBytes:
     return SecretBytes(os.urandom(FILE_KEY_SIZE))
