@@ -5,13 +5,13 @@
         f.write(b"...")
 """
 
-from .errors import ConfigError, EncfsError, FileChangedError, FormatError, HeaderFullError, IntegrityError, KeyReferenceError, NoMatchingKeyError, TransactionError
+from .errors import ConfigError, EncfsError, FileChangedError, FormatError, HeaderFullError, IntegrityError, KeyReferenceError, NoMatchingKeyError, SignatureError, TransactionError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "EncFileSystem", "EncfsError", "FileChangedError", "FormatError", "HeaderFullError", "IntegrityError", "KeyReferenceError",
-    "NoMatchingKeyError", "TransactionError", "__version__",
+    "NoMatchingKeyError", "SignatureError", "TransactionError", "__version__",
 ]
 
 

@@ -35,11 +35,14 @@ from .backend import get_backend
 from .copying import copy_stream, write_all
 from .errors import ConfigError, EncfsError, KeyReferenceError, naming
 from .filesystem import EncFileSystem
-from .header import open_header, read_header
+from .header import open_header, read_header, stored_commitment
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
+from .keys import sig
 from .keys.base import key_label
+from .keys.sources import b64encode
 from .rewrap import rewrap
 from .securemem import cleanse
+from .signing import PUBLIC_PREFIX
 from .sink import LocalSink, Sink, fill_atomically, is_local, is_temp_name, open_sink, remove_stale_temporaries, temp_name
 from .target import Target
 from .writer import PayloadWriter
@@ -133,7 +136,17 @@ def url_to_fs(arg: str, options: dict[str, Any] | None = None) -> tuple[Any, str
 
 
 def _keyring(args: argparse.Namespace) -> KeyRing:
-    return KeyRing(args.key or None, getattr(args, "recipient", None) or None, getattr(args, "identity", None) or None)
+    return KeyRing(args.key or None, getattr(args, "recipient", None) or None, getattr(args, "identity", None) or None, **signatures(args))
+
+
+def signatures(args: argparse.Namespace) -> dict[str, Any]:
+    """``--sign`` / ``--signer`` as the filesystem options ``sign_with`` / ``signers``."""
+    out: dict[str, Any] = {}
+    if getattr(args, "sign", None):
+        out["sign_with"] = args.sign
+    if getattr(args, "signer", None):
+        out["signers"] = list(args.signer)
+    return out
 
 
 _bare_paths_noted: set[str] = set()
@@ -734,7 +747,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     if multi:
         return _encrypt_several(args, sources)
     args.src = sources[0]
-    enc = EncFileSystem(key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True)
+    enc = EncFileSystem(key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True, **signatures(args))
     if args.dst == STDIO:
         if sys.stdout.isatty():
             raise EncfsError("refusing to write ciphertext to a terminal: redirect stdout, or name an output file ('./-' for a file named '-')")
@@ -749,7 +762,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
             _seal(_StdoutSink(sys.stdout.buffer), enc, r, lambda n: None, args.src)
         return 0
     dst_fs, dst = url_to_fs(args.dst, args.storage_options)
-    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True)
+    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True, **signatures(args))
     if args.src == STDIO:
         tree = _Tree([_Item(STDIO, "")])
         total = None
@@ -791,7 +804,7 @@ def _encrypt_several(args: argparse.Namespace, sources: list[str]) -> int:
     """``encfs encrypt SRC... DIR``: several sources or a glob into one directory."""
     dst_fs, dst = url_to_fs(args.dst, args.storage_options) if args.dst != STDIO else (None, STDIO)
     dst = _directory_destination(dst_fs, dst, args.dst)
-    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True)
+    enc = EncFileSystem(fs=dst_fs, key=args.key or None, recipients=args.recipient or None, header_length=args.header_length, skip_instance_cache=True, **signatures(args))
     tree = _gather(sources, args.storage_options)
     return _run("encrypt", tree, dst_fs, dst, _encrypt_copier(enc), args.progress, _total(tree), args.keep_going)
 
@@ -822,7 +835,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             with open(src_arg, "wb") as f:
                 copy_stream(sys.stdin.buffer, f, lambda n: None)
         src_fs, src = url_to_fs(src_arg, args.storage_options)
-        enc = EncFileSystem(fs=src_fs, key=args.key or None, identities=args.identity or None, allow_plaintext=args.allow_plaintext, skip_instance_cache=True)
+        enc = EncFileSystem(fs=src_fs, key=args.key or None, identities=args.identity or None, allow_plaintext=args.allow_plaintext, skip_instance_cache=True, **signatures(args))
         tree = _scan(src_fs, src)
         if args.dst == STDIO:
             if tree.is_dir:
@@ -852,7 +865,7 @@ def _decrypt_copier(args: argparse.Namespace, encs: dict[int, EncFileSystem]) ->
             if enc is None:
                 enc = encs[id(item.fs)] = EncFileSystem(
                     fs=item.fs, key=args.key or None, identities=args.identity or None,
-                    allow_plaintext=args.allow_plaintext, skip_instance_cache=True,
+                    allow_plaintext=args.allow_plaintext, skip_instance_cache=True, **signatures(args),
                 )
             r = enc.open(item.src, "rb")
         except BaseException:
@@ -974,7 +987,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
     """Decrypt files to stdout, one after another."""
     for arg in args.paths:
         fs, path = url_to_fs(arg, args.storage_options)
-        enc = EncFileSystem(fs=fs, key=args.key or None, identities=args.identity or None, skip_instance_cache=True)
+        enc = EncFileSystem(fs=fs, key=args.key or None, identities=args.identity or None, skip_instance_cache=True, **signatures(args))
         for p in _expand(fs, path, arg, dirs=False):
             with enc.open(p, "rb") as r:
                 copy_stream(r, sys.stdout.buffer)
@@ -1022,7 +1035,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     jobs: list[tuple[EncFileSystem, str, str]] = []
     for arg in args.paths:
         fs, path = url_to_fs(arg, args.storage_options)
-        enc = EncFileSystem(fs=fs, key=args.key or None, identities=args.identity or None, skip_instance_cache=True)
+        enc = EncFileSystem(fs=fs, key=args.key or None, identities=args.identity or None, skip_instance_cache=True, **signatures(args))
         try:
             jobs.extend((enc, p, enc.fs.unstrip_protocol(p) if not is_local(fs) else p) for p in _expand(fs, path, arg))
         except FileNotFoundError:
@@ -1070,7 +1083,11 @@ def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | N
                 opened.keys.wipe()
                 header, verified = opened.header, "header MAC and key commitment OK (chunks not read)"
             else:
-                header, verified = read_header(target.read_at, size)[0], None
+                header, head = read_header(target.read_at, size)
+                verified = None
+                if keyring is not None and keyring.signers:
+                    keyring.check_signature(header, stored_commitment(header, head))
+                    verified = "writer signature OK (key not used: header MAC not checked)"
     finally:
         target.close()
     pt = fmt.plaintext_size(size, header.length)
@@ -1084,7 +1101,8 @@ def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | N
         "ciphertext_size": size,
         "plaintext_size": pt,
         "chunks": cs.chunk_count(pt),
-        "recipients": [{"type": s.type, "key_id": s.key_id.hex() or None} for s in header.stanzas],
+        "recipients": [{"type": s.type, "key_id": s.key_id.hex() or None} for s in header.stanzas if not sig.is_signature(s)],
+        "signed_by": [PUBLIC_PREFIX + b64encode(s.params) for s in header.stanzas if sig.is_signature(s)],
     }
     if verified:
         info["verified"] = verified
@@ -1092,7 +1110,7 @@ def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | N
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    keyring = _keyring(args) if (args.key or args.identity) else None
+    keyring = _keyring(args) if (args.key or args.identity or args.signer) else None
     for arg in args.paths:
         fs, path = url_to_fs(arg, args.storage_options)
         for p in walk_files(fs, path, arg):
@@ -1108,6 +1126,9 @@ def _print_inspect(info: dict, as_json: bool) -> None:
         if k == "recipients":
             for r in v:
                 print(f"  recipient: {r['type']}" + (f" {r['key_id']}" if r["key_id"] else ""))
+        elif k == "signed_by":
+            for signer in v:
+                print(f"  signed by: {signer} (unverified unless --signer names it)")
         else:
             print(f"{k:>16}: {v}")
 
@@ -1139,7 +1160,7 @@ def _type_names() -> list[str]:
 def cmd_rewrap(args: argparse.Namespace) -> int:
     """Files named one by one are rewrapped here, in order, stopping at the first failure;
     a directory or prefix goes to ``rotate.rewrap_prefix`` (parallel, journaled, resumable)."""
-    keyring = KeyRing(args.key or None, identities=args.identity or None)
+    keyring = KeyRing(args.key or None, identities=args.identity or None, **signatures(args))
     add_refs = key_refs(args.add, "--add")
     remove_refs = [_canonical_removal(r) for r in args.remove]
     add = [load_reference(r) for r in add_refs]
@@ -1213,8 +1234,12 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     status = 0
     for arg in args.paths:
         fs, root = bulk_side("encfs::" + encfs_hops(arg)[0], args.storage_options, key=args.key or None,
-                             recipients=args.recipient or None, identities=args.identity or None, header_length=args.header_length)
+                             recipients=args.recipient or None, identities=args.identity or None, header_length=args.header_length,
+                             **signatures(args))
         fs.keyring.recipients()
+        if fs.keyring.signing_key() is None:
+            print("note: the re-encrypted files carry no writer signature (a new file key voids an old one); "
+                  "pass --sign KEYFILE to sign them", file=sys.stderr)
         out = migrate(fs, root, fs, root, src_url=arg, dst_url=arg, journal_path=args.journal, jobs=args.jobs, dask=args.dask,
                       progress=args.progress, op="reencrypt", in_place=True)
         status |= report(out, args.json, verb="re-encrypted")
@@ -1258,8 +1283,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from .migrate import migrate, report  # noqa: PLC0415
 
     key = args.key or None
-    src_fs, src = bulk_side(args.src, args.storage_options, key=args.src_key or key, identities=args.identity or None)
-    dst_fs, dst = bulk_side(args.dst, args.storage_options, key=key, recipients=args.recipient or None, header_length=args.header_length)
+    sig = signatures(args)
+    src_fs, src = bulk_side(args.src, args.storage_options, key=args.src_key or key, identities=args.identity or None,
+                            **{k: v for k, v in sig.items() if k == "signers"})
+    dst_fs, dst = bulk_side(args.dst, args.storage_options, key=key, recipients=args.recipient or None, header_length=args.header_length,
+                            **{k: v for k, v in sig.items() if k == "sign_with"})
     if not isinstance(src_fs, EncFileSystem) and not isinstance(dst_fs, EncFileSystem):
         raise EncfsError("neither SRC nor DST is encrypted (encfs::URL): that is a plain copy, not a migration")
     if isinstance(dst_fs, EncFileSystem):
@@ -1381,8 +1409,17 @@ def build_parser() -> argparse.ArgumentParser:
                 help="header length of the files written, a multiple of 512 (default %(default)s: about eight recipients; "
                 "readers that list these files should be given the same, see docs/FORMAT.md section 4)",
             )
+            sp.add_argument(
+                "--sign", metavar="KEYFILE", default=None,
+                help="sign every file written with this Ed25519 signing key (encfs manifest keygen); readers given "
+                "--signer refuse files without a valid signature (docs/FORMAT.md section 1.5)",
+            )
         if identity:
             sp.add_argument("-i", "--identity", action="append", default=[], help="decrypt with this reference (repeatable)")
+            sp.add_argument(
+                "--signer", action="append", default=[], metavar="PUBLIC",
+                help="trust this writer (ed25519:<base64url> or a .pub file; repeatable): refuse any file it did not sign",
+            )
 
     sp = sub.add_parser("keygen", parents=[common], help="create a symmetric key or an X25519 identity")
     sp.add_argument("-o", "--output", help="key file to create (mode 0600); default stdout")

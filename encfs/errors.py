@@ -64,6 +64,15 @@ class IntegrityError(EncfsError):
         return None if self.chunk_index is None else self.chunk_index * CHUNK_SIZE
 
 
+class SignatureError(IntegrityError):
+    """The reader trusts signer keys (``signers=``) and the file carries no valid signature by
+    any of them (docs/FORMAT.md §1.5). ``signers``: the labels of the signatures it does carry."""
+
+    def __init__(self, message: str, *, signers: list[str] | None = None):
+        super().__init__(message)
+        self.signers = list(signers or [])
+
+
 class NoMatchingKeyError(EncfsError):
     """None of the configured identities can unwrap any stanza of the header."""
 

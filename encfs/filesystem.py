@@ -81,6 +81,15 @@ class EncFileSystem(ChainedFileSystem):
         a file that appeared survives a power cut. ``False`` keeps writes atomic for other
         processes and for a crash of this one, not for a crash of the machine; for scratch data
         that can be written again (benchmarks/RESULTS.md gives what it saves).
+    signers:
+        Trusted writers' Ed25519 public keys (``ed25519:<base64url>`` references, or files holding
+        one; a list or comma-separated). Every file opened must carry a valid signature by one of
+        them (``SignatureError`` otherwise, before any byte or key is used): a holder of a public
+        recipient key can no longer write files these readers accept. Default: no check.
+    sign_with:
+        A signing key file (``encfs manifest keygen``) or ``encfs.signing.SigningKey``: every
+        file written carries that writer's signature (docs/FORMAT.md §1.5). Pass a path, not a
+        key object, where the filesystem is pickled (DataLoader workers, Dask).
     """
 
     protocol = "encfs"
@@ -103,6 +112,8 @@ class EncFileSystem(ChainedFileSystem):
         header_length: int = fmt.STANDARD_HEADER,
         list_sizes: str = "auto",
         durable: bool = True,
+        signers: Any = None,
+        sign_with: Any = None,
         **kwargs: Any,
     ):
         kwargs.pop("fo", None)
@@ -111,7 +122,7 @@ class EncFileSystem(ChainedFileSystem):
         if fs is None:
             fs = fsspec.filesystem(target_protocol or "file", **target_options)
         self.fs = fs
-        self.keyring = KeyRing(key, recipients, identities)
+        self.keyring = KeyRing(key, recipients, identities, signers=signers, sign_with=sign_with)
         self.allow_plaintext = allow_plaintext
         self.backend_name = backend
         self.readahead = readahead
@@ -462,7 +473,7 @@ class EncFileSystem(ChainedFileSystem):
 
 ENCFS_OPTIONS = (
     "target_protocol", "target_options", "fs", "key", "recipients", "identities", "allow_plaintext", "backend", "readahead",
-    "header_length", "list_sizes", "durable",
+    "header_length", "list_sizes", "durable", "signers", "sign_with",
 )
 LIST_SIZES = ("auto", "probe", "assume")
 VERSION_STAMPS = ("ETag", "etag", "generation", "VersionId", "version_id", "mtime", "LastModified", "last_modified", "created", "creation_time")

@@ -46,6 +46,11 @@ def read_header(read_at: ReadAt, ciphertext_size: int) -> tuple[fmt.Header, byte
     return fmt.parse(head), head
 
 
+def stored_commitment(header: fmt.Header, head: bytes) -> bytes:
+    """The key commitment the payload prefix holds (not yet checked against any key)."""
+    return bytes(head[header.length + cs.SALT_SIZE : header.length + cs.PAYLOAD_PREFIX_SIZE])
+
+
 def unlock(header: fmt.Header, keyring: KeyRing) -> SecretBytes:
     """The file key, unwrapped by a configured identity, with the header MAC verified under it."""
     file_key = keyring.unwrap(header)
@@ -58,11 +63,14 @@ def unlock(header: fmt.Header, keyring: KeyRing) -> SecretBytes:
 
 
 def open_header(read_at: ReadAt, ciphertext_size: int, keyring: KeyRing) -> OpenedHeader:
-    """Everything up to the chunks: header read and authenticated, payload keys derived and
-    their commitment checked (the caller wipes ``keys``)."""
+    """Everything up to the chunks: header read, the writer's signature checked when the
+    keyring trusts signers (before any key is unwrapped: a forged file costs no KMS call),
+    header authenticated, payload keys derived and their commitment checked (the caller wipes
+    ``keys``)."""
     header, head = read_header(read_at, ciphertext_size)
-    file_key = unlock(header, keyring)
+    keyring.check_signature(header, stored_commitment(header, head))
     prefix = head[header.length : header.length + cs.PAYLOAD_PREFIX_SIZE]
+    file_key = unlock(header, keyring)
     try:
         keys = cs.derive(file_key.view(), prefix[: cs.SALT_SIZE], header.context)
     finally:

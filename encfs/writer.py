@@ -27,7 +27,7 @@ from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend, split_plaintext
 from .errors import EncfsError, naming
-from .keys import KeyRing, new_file_key
+from .keys import KeyRing, new_file_key, sig
 from .owner import closed_by_failing_owner, stack_at_open
 from .pipeline import Pipeline
 from .securemem import SecureBuffer
@@ -62,22 +62,29 @@ class PayloadWriter:
             file_key = new_file_key()
             try:
                 header = fmt.Header(fmt.new_file_id(), [])
+                salt = os.urandom(cs.SALT_SIZE)
+                self._keys = cs.derive(file_key.view(), salt, header.context)
                 try:
                     header.stanzas = [r.wrap(file_key, header.context) for r in keyring.recipients()]
                 except Exception as e:
                     audit.record(audit.WRAP, outcome=audit.FAILED, file_id=header.file_id, **audit.error_fields(e))
                     raise
+                signer = keyring.signing_key()
+                if signer is not None:
+                    header.stanzas.append(sig.sign(signer, header.context, self._keys.commitment))
                 head = fmt.seal(header, file_key, header_length)
                 for stanza in header.stanzas:  # audit log on: one line per recipient, or no file (AuditError)
-                    audit.record(audit.WRAP, key=stanza.label, file_id=header.file_id)
-                salt = os.urandom(cs.SALT_SIZE)
-                self._keys = cs.derive(file_key.view(), salt, header.context)
+                    if not sig.is_signature(stanza):
+                        audit.record(audit.WRAP, key=stanza.label, file_id=header.file_id)
             finally:
                 file_key.wipe()
             self.header = header
             self._cipher = (backend or get_backend()).chunk_cipher(self._keys.key.view(), self._keys.base_nonce)
             sink.write(head + salt + self._keys.commitment)
         except BaseException:
+            keys = getattr(self, "_keys", None)
+            if keys is not None:
+                keys.wipe()
             sink.discard()
             raise
 

@@ -89,7 +89,8 @@ def _open(ring: KeyRing, raw: bytes) -> bytes:
 
 
 def test_builtin_types_are_registered():
-    assert registry.names() == ["key", "kms", "passphrase", "x25519"]
+    assert registry.names() == ["key", "kms", "passphrase", "sig", "x25519"]
+    assert registry.get("sig").classes == () and registry.get("sig").max_per_header == 4
     assert {"keyfile", "env", "kms", "passphrase", "x25519"} <= set(registry.schemes())
     assert [t.key_file_prefix for t in registry.key_file_types()] == ["encfs-key-v1:", "encfs-x25519-identity-v1:"]
     assert registry.get("passphrase").max_per_header == 1

@@ -8,6 +8,7 @@ from .registry import RecipientType, register
 from .symmetric import SymmetricKey
 from .x25519 import X25519Identity, X25519Recipient
 from . import kms  # noqa: F401  (registers the kms type; boto3 is imported when a kms key is used)
+from . import sig  # noqa: F401  (registers the sig stanza: a writer's signature, no key)
 
 __all__ = [
     "Argon2Params", "Identity", "KeyRing", "Passphrase", "Recipient", "RecipientType", "SymmetricKey",

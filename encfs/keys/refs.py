@@ -15,14 +15,14 @@ key files of any type with a key-file prefix; the others by their recipient type
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Union
+from typing import Any, Iterable, Union
 
 from .. import audit, env
 from ..errors import KeyReferenceError, NoMatchingKeyError
 from ..forking import ForkLocal
 from ..format import Header
 from ..secret import SecretBytes
-from . import registry
+from . import registry, sig
 from .base import Identity, Recipient
 from .sources import MAX_KEY_FILE_BYTES, b64encode, env_bytes, read_secret_file, wipe
 from .symmetric import KEY_FILE_PREFIX as KEY_PREFIX
@@ -229,12 +229,17 @@ class KeyRing:
     (comma-separated references) is used. Keys load lazily and are wiped by ``wipe()``.
     """
 
-    def __init__(self, key: KeySpec = None, recipients: KeySpec = None, identities: KeySpec = None):
+    def __init__(
+        self, key: KeySpec = None, recipients: KeySpec = None, identities: KeySpec = None, signers: Any = None, sign_with: Any = None
+    ):
         if key is None and recipients is None and identities is None:
             key = env.default_key()
         self._key = _split(key)
         self._recipients = _split(recipients) if recipients is not None else self._key
         self._identities = _split(identities) if identities is not None else self._key
+        self.signers = _trusted_signers(signers)
+        self._sign_with = sign_with
+        self._signing_key: Any = None
         self._loaded: dict[str, KeyObject] = {}
         self._loading: ForkLocal[threading.RLock] = ForkLocal(threading.RLock, initial=threading.RLock())
 
@@ -255,6 +260,25 @@ class KeyRing:
 
     def identities(self) -> list[Identity]:
         return [k for k in (self._load(i) for i in self._identities) if hasattr(k, "unwrap")]  # type: ignore[misc]
+
+    def signing_key(self) -> Any:
+        """The ``encfs.signing.SigningKey`` whose ``sig`` stanza every file written gets, or None."""
+        if self._sign_with is None:
+            return None
+        with self._loading.get():
+            if self._signing_key is None:
+                from ..signing import SigningKey
+
+                spec = self._sign_with
+                self._signing_key = spec if isinstance(spec, SigningKey) else SigningKey.load(str(spec))
+            return self._signing_key
+
+    def check_signature(self, header: Header, commitment: bytes) -> None:
+        """With trusted ``signers``: ``SignatureError`` unless the header carries a valid
+        signature by one of them over its context and ``commitment`` (the stored one; the reader
+        then checks it against the keys it derives). Without: nothing, as before signatures."""
+        if self.signers:
+            sig.check(header.stanzas, header.context, commitment, self.signers)
 
     def unwrap(self, header: Header) -> SecretBytes:
         """The file key, from the first stanza an identity matches by key id. With the audit log
@@ -277,7 +301,7 @@ class KeyRing:
         registry.check_known(types)
         registry.check_per_header(types)
         identities = self.identities()
-        present = header.labels()
+        present = [s.label for s in header.stanzas if not sig.is_signature(s)]
         tried = []
         for stanza in header.stanzas:
             for ident in identities:
@@ -302,7 +326,22 @@ class KeyRing:
             self._loaded.clear()
 
     def __repr__(self) -> str:
-        return f"<KeyRing recipients={len(self._recipients)} identities={len(self._identities)}>"
+        return f"<KeyRing recipients={len(self._recipients)} identities={len(self._identities)} signers={len(self.signers)}>"
+
+
+def _trusted_signers(spec: Any) -> tuple:
+    """``signers=``: Ed25519 public keys (``ed25519:...`` references, files holding one, comma
+    separated, or ``VerifyKey`` objects), parsed now so that a bad one fails at configuration.
+    An empty list is an error rather than "trust nobody" or "check nothing"."""
+    if spec is None:
+        return ()
+    from ..signing import VerifyKey
+
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple, set, frozenset)) else [spec]
+    keys = tuple(VerifyKey.parse(i) for i in items if not (isinstance(i, str) and not i))
+    if not keys:
+        raise KeyReferenceError("signers= names no key; leave it out to read without signature checks")
+    return keys
 
 
 def _label(ident: object) -> str:
