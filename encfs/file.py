@@ -44,6 +44,11 @@ class EncryptedReader(io.BufferedIOBase):
         return self._r.header
 
     @property
+    def commitment(self) -> bytes:
+        """The payload's authenticated key commitment (``ChunkReader.commitment``)."""
+        return self._r.commitment
+
+    @property
     def readahead(self) -> int:
         return self._window.readahead
 

@@ -123,11 +123,9 @@ def commitment_of(reader: Any) -> bytes:
     """The payload key commitment of an opened encfs reader (``ChunkReader`` or
     ``EncryptedReader``): derived from the file key and checked against the stored one when
     the file was opened, so it is authenticated."""
-    r = getattr(reader, "_r", reader)
-    keys = getattr(r, "_keys", None)
-    commitment = getattr(keys, "commitment", None)
+    commitment = getattr(reader, "commitment", None)
     if not isinstance(commitment, bytes):
-        raise ManifestError(getattr(r, "name", None), "unreadable", "not an encrypted file (no key commitment)")
+        raise ManifestError(getattr(reader, "name", getattr(reader, "path", None)), "unreadable", "not an encrypted file (no key commitment)")
     return commitment
 
 

@@ -67,6 +67,12 @@ class ChunkReader:
             raise
 
     @property
+    def commitment(self) -> bytes:
+        """The payload's key commitment: derived from the file key and checked against the stored
+        one at open, so it is authenticated (manifests and the model version log record it)."""
+        return self._keys.commitment
+
+    @property
     def local(self) -> bool:
         """True when reads are positional reads of a local file descriptor."""
         return self._target.fd is not None
