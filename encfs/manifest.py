@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, NamedTuple, Sequence
 
 from .errors import EncfsError
+from .keys.sources import b64decode, b64encode
 from .signing import SigningKey, VerifyKey
 
 FORMAT_LINE = b"encfs-manifest-v1\n"
@@ -65,7 +66,7 @@ _BAD_PATH_MARKS = ("\n/", "//", "/\n", "\n\n", "\\", "\x00", "/./", "/../", "\n.
 empty component or path, ``.``/``..``, a backslash, NUL."""
 
 
-def _check_rows(rows: list) -> None:
+def check_rows(rows: list) -> None:
     """Every entry a clean ``[path, size, file_id, commitment, sha256]``: checked column by
     column in C loops (``map``, ``set``, substring scans), which is what keeps 100,000 entries fast."""
     if set(map(type, rows)) - {list} or set(map(len, rows)) - {5}:
@@ -181,7 +182,7 @@ def describe_file(fs: Any, path: str, rel: str) -> Entry:
     return Entry(rel, size, file_id.hex(), commitment.hex(), h.hexdigest())
 
 
-def _now() -> str:
+def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -198,7 +199,7 @@ class Manifest:
     def __init__(self, entries: Iterable[Entry], version: int, created: str | None = None, name: str = "", root: str | None = None):
         rows = [tuple(e) for e in entries]
         try:
-            _check_rows([list(r) for r in rows])
+            check_rows([list(r) for r in rows])
         except ValueError as e:
             raise ManifestError(None, "malformed", str(e)) from None
         self._rows: dict[str, Sequence] = {r[0]: r for r in rows}
@@ -209,7 +210,7 @@ class Manifest:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ManifestError(None, "malformed", f"version must be an integer >= 1, not {version!r}")
         self.version = version
-        self.created = created or _now()
+        self.created = created or now_utc()
         self.name = name
         self.root = root
         self.signer: str | None = None
@@ -244,7 +245,7 @@ class Manifest:
         if not keys:
             raise ValueError("at least one signing key")
         body = self.body()
-        sigs = [{"signer": k.public, "sig": _b64(k.sign(SIGNED_CONTEXT + body))} for k in keys]
+        sigs = [{"signer": k.public, "sig": b64encode(k.sign(SIGNED_CONTEXT + body))} for k in keys]
         tail = json.dumps({"signatures": sigs}, sort_keys=True, separators=(",", ":")).encode("ascii")
         return FORMAT_LINE + body + b"\n" + tail + b"\n"
 
@@ -269,7 +270,7 @@ class Manifest:
             sigs = json.loads(tail)["signatures"]
             if not isinstance(sigs, list) or not 1 <= len(sigs) <= MAX_SIGNATURES:
                 raise ValueError
-            offered = [(str(s["signer"]), _unb64(s["sig"])) for s in sigs]
+            offered = [(str(s["signer"]), b64decode(s["sig"])) for s in sigs]
         except (ValueError, KeyError, TypeError):
             raise ManifestError(where, "malformed", "unreadable signature line") from None
         message = SIGNED_CONTEXT + body
@@ -309,7 +310,7 @@ class Manifest:
             version, created, name = doc["version"], doc["created"], doc["name"]
             if not isinstance(rows, list) or not isinstance(created, str) or not isinstance(name, str):
                 raise ValueError("bad field types")
-            _check_rows(rows)
+            check_rows(rows)
         except ManifestError as e:
             raise ManifestError(where, e.reason, e.detail) from None
         except (ValueError, KeyError, TypeError) as e:
@@ -634,20 +635,6 @@ def for_shards(spec: Any, fs: Any, paths: Sequence[str], globs: Sequence[str] = 
 
 
 # -- command line ----------------------------------------------------------------------------------
-
-
-def _b64(raw: bytes) -> str:
-    import base64
-
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: Any) -> bytes:
-    import base64
-
-    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]*", text):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def add_subcommand(sub: Any, parents: list | None = None, storage_parents: list | None = None) -> None:

@@ -88,6 +88,12 @@ class PayloadWriter:
             sink.discard()
             raise
 
+    @property
+    def commitment(self) -> bytes:
+        """The payload's key commitment, as stored in the file (it pins file key and salt):
+        what manifests and the model version log record, known without reading the file back."""
+        return self._keys.commitment
+
     def _check(self, allowed: str = OPEN) -> None:
         if self.state == allowed:
             return
@@ -230,6 +236,10 @@ class EncryptedWriter(io.BufferedIOBase):
         self.autocommit = autocommit
         self._w = writer
         self._opened_under = stack_at_open()
+
+    @property
+    def commitment(self) -> bytes:
+        return self._w.commitment
 
     @property
     def header(self):

@@ -6,7 +6,8 @@ datasets over them: ``EncryptedRecordDataset`` (fixed-size records), ``Encrypted
 (``.npy`` rows), ``EncryptedFileDataset`` (one file per sample, user ``decode``) and
 ``EncryptedParquetDataset`` (Parquet rows, read by row group; needs pyarrow when used); and the
 iterable ``EncryptedTarDataset`` (WebDataset-layout tar shards, one sequential read per shard,
-resumable with ``TarProgress``).
+resumable with ``TarProgress``); and ``save``/``load``/``save_pretrained``/``from_pretrained``
+(``models``): encrypted, signed, versioned model checkpoints.
 """
 
 from .arrays import EncryptedNpyDataset, read_npy_header
@@ -26,8 +27,15 @@ _LAZY = {
     "EncryptedTarDataset": "tars",
     "TarProgress": "tars",
     "combine_tar_states": "tars",
+    "save": "models",
+    "load": "models",
+    "save_pretrained": "models",
+    "from_pretrained": "models",
+    "versions": "models",
+    "ModelError": "models",
+    "VersionEntry": "models",
 }
-"""Names whose modules import torch or pyarrow: loaded on first use, so that importing
+"""Names whose modules import torch, pyarrow or safetensors: loaded on first use, so that importing
 ``encfs.loaders`` stays light."""
 
 
@@ -50,16 +58,23 @@ __all__ = [
     "EncryptedParquetDataset",
     "EncryptedRecordDataset",
     "EncryptedTarDataset",
+    "ModelError",
     "RecordBatch",
     "ShardSet",
     "TarProgress",
+    "VersionEntry",
     "collate_locked",
     "combine_states",
     "combine_tar_states",
     "epoch_order",
+    "from_pretrained",
     "limit_worker_threads",
+    "load",
     "read_batch",
     "read_npy_header",
     "read_records",
+    "save",
+    "save_pretrained",
+    "versions",
     "wipe_batch",
 ]

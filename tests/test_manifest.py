@@ -24,6 +24,7 @@ import pytest
 from encfs import manifest as M
 from encfs.errors import EncfsError, KeyReferenceError
 from encfs.filesystem import EncFileSystem
+from encfs.keys.sources import b64encode
 from encfs.signing import SigningKey, VerifyKey, write_signing_key
 
 RECORD = (8,)  # float32 records of 32 bytes
@@ -252,7 +253,7 @@ def test_malformed_bodies_are_refused_even_when_signed():
     # a signed body with a bad entry is still refused at parse
     body = json.dumps({"format": M.FORMAT_NAME, "version": 1, "created": "x", "name": "", "fields": M.FIELDS,
                        "entries": [["../x", 1, "0" * 32, "1" * 64, "2" * 64]]}, sort_keys=True, separators=(",", ":")).encode()
-    sig = M._b64(key.sign(M.SIGNED_CONTEXT + body))
+    sig = b64encode(key.sign(M.SIGNED_CONTEXT + body))
     data = M.FORMAT_LINE + body + b"\n" + json.dumps({"signatures": [{"signer": key.public, "sig": sig}]}).encode() + b"\n"
     with pytest.raises(M.ManifestError) as ei:
         M.Manifest.parse(data, [key.public])

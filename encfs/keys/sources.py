@@ -21,6 +21,7 @@ MAX_KEY_FILE_BYTES = 64 * 1024
 """Key files and passphrase files larger than this are refused (a key file is ~100 bytes)."""
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]{43}")
+_B64URL_ANY = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def wipe(buf: bytearray | None) -> None:
@@ -31,6 +32,20 @@ def wipe(buf: bytearray | None) -> None:
 
 def b64encode(raw: bytes | memoryview) -> str:
     return base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode("ascii")
+
+
+def b64decode(text: object) -> bytes:
+    """Unpadded base64url in its one canonical spelling (``ValueError`` otherwise): a signature
+    or digest that could be written two ways would give one entry two byte strings."""
+    if not isinstance(text, str) or not _B64URL_ANY.fullmatch(text):
+        raise ValueError("not unpadded base64url")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not unpadded base64url") from None
+    if b64encode(raw) != text:
+        raise ValueError("not the canonical base64url spelling")
+    return raw
 
 
 def b64decode32(text: str, what: str) -> bytearray:
