@@ -2,8 +2,8 @@
 
 It shares no code with the encfs package on purpose: it exists to show that the
 spec is enough to open every file encfs writes. Sections follow the spec:
-key files, header (§1), stanzas (§1.1, §1.2), header MAC (§1.3, §1.4),
-sizes (§3) and payload (§2).
+key files, header (§1), stanzas (§1.1, §1.2), writer signatures (§1.5),
+header MAC (§1.3, §1.4), sizes (§3) and payload (§2).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from hmac import compare_digest
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
@@ -31,6 +32,11 @@ class IntegrityError(Exception):
 
 class NoMatchingKeyError(Exception):
     """No stanza could be unwrapped with the keys the reader holds."""
+
+
+class SignatureError(IntegrityError):
+    """§1.5: trusted signers were given and the file has no valid signature by one of them
+    (or a signature by a trusted signer failed to verify). An integrity error."""
 
 
 # ---------------------------------------------------------------------------
@@ -139,8 +145,20 @@ def _parse_fixed_fields(data: bytes) -> int:
 # §1.1 Stanzas: encoding and per-type shape
 # ---------------------------------------------------------------------------
 
-KNOWN_TYPES = ("key", "passphrase", "x25519")
+KNOWN_TYPES = ("key", "passphrase", "x25519", "sig")  # `kms` is not supported: refused (§1.1)
+RECIPIENT_TYPES = ("key", "passphrase", "x25519")
 BODY_LEN = 12 + 32 + 16
+
+# §1.5 `sig` stanza: 8-byte key id, params = the signer's Ed25519 public key A, 64-byte body.
+SIG_TYPE = "sig"
+SIG_KEY_ID_LEN, SIG_PUBLIC_LEN, SIG_BODY_LEN = 8, 32, 64
+MAX_SIG_STANZAS = 4
+SIG_MESSAGE_PREFIX = b"encfs/v1 writer-signature"
+
+
+def sig_key_id(public: bytes) -> bytes:
+    """§1.5: key_id = SHA-256("encfs/v1 sig-key-id" || A)[0:8]."""
+    return _sha256(b"encfs/v1 sig-key-id" + bytes(public))[0:8]
 
 
 class _Cursor:
@@ -178,6 +196,14 @@ def _parse_stanza(cur: _Cursor) -> Stanza:
     stype = type_b.decode("ascii")
     if stype not in KNOWN_TYPES:
         raise FormatError(f"unknown recipient type {stype!r}")
+    if stype == SIG_TYPE:
+        # §1.5: shape and key-id rule, checked up front for every `sig` stanza (the reader
+        # checks every stanza's shape when it parses the header, §1.1 allows this).
+        if (len(key_id), len(params), len(body)) != (SIG_KEY_ID_LEN, SIG_PUBLIC_LEN, SIG_BODY_LEN):
+            raise FormatError("sig stanza has the wrong shape (want 8-byte key id, 32-byte params, 64-byte body)")
+        if key_id != sig_key_id(params):
+            raise FormatError("sig stanza: key id is not the id of its public key")
+        return Stanza(stype, key_id, params, body, fields)
     if len(body) != BODY_LEN:
         raise FormatError("wrapped key body is not 60 bytes")
     # Per-type shapes from §1.2 (checked for every stanza, not just those we try).
@@ -199,6 +225,13 @@ def parse_header(data: bytes) -> Header:
         raise FormatError("header padding is not all zero")
     if sum(st.type == "passphrase" for st in stanzas) > 1:
         raise FormatError("at most one passphrase stanza")
+    n_sig = sum(st.type == SIG_TYPE for st in stanzas)
+    if n_sig > MAX_SIG_STANZAS:
+        raise FormatError(f"{n_sig} sig stanzas; at most {MAX_SIG_STANZAS}")
+    if not any(st.type in RECIPIENT_TYPES for st in stanzas):
+        # §1.5 "and at least one recipient stanza besides" (no error class named there;
+        # this reader treats it as a malformed header).
+        raise FormatError("header holds only sig stanzas, no recipient stanza")
     return Header(
         context=data[0:28], file_id=data[12:28], length=h, stanzas=stanzas,
         mac_input=data[0:m], mac=data[m:m + MAC_LEN],
@@ -269,10 +302,68 @@ def _candidates(hdr: Header, sym_key, x25519_private, passphrase):
 
 
 # ---------------------------------------------------------------------------
+# §1.5 / §1.4 step 4 Writer signatures
+# ---------------------------------------------------------------------------
+
+def _trusted_by_id(trusted_signers) -> dict:
+    if isinstance(trusted_signers, (bytes, bytearray, memoryview, str)):
+        raise TypeError("trusted_signers is a list of 32-byte Ed25519 public keys")
+    trusted = {}
+    for pub in trusted_signers:
+        pub = bytes(pub)
+        if len(pub) != SIG_PUBLIC_LEN:
+            raise ValueError("a trusted signer is a raw 32-byte Ed25519 public key")
+        Ed25519PublicKey.from_public_bytes(pub)  # ValueError if pyca refuses the encoding
+        trusted[sig_key_id(pub)] = pub
+    if not trusted:
+        raise ValueError("trusted_signers names no key; pass None to read without signature checks")
+    return trusted
+
+
+def check_signatures(hdr: Header, commitment: bytes, trusted_signers) -> None:
+    """§1.4 step 4 / §1.5, before any key is tried. `commitment` is the stored one (offset H+24).
+
+    Every `sig` stanza whose key id is a trusted key's id must verify, and at least one must
+    exist; stanzas by untrusted keys are not verified. Signatures are verified with the
+    *trusted* key itself, never with the stanza's params alone: a stanza whose key id equals a
+    trusted key's id but whose public key differs (a 64-bit key id collision) is refused.
+    """
+    trusted = _trusted_by_id(trusted_signers)
+    if len(commitment) != 32:
+        raise FormatError("no room for the payload commitment")
+    message = SIG_MESSAGE_PREFIX + hdr.context + bytes(commitment)
+    sigs = [st for st in hdr.stanzas if st.type == SIG_TYPE]
+    verified = 0
+    for st in sigs:
+        pub = trusted.get(st.key_id)
+        if pub is None:
+            continue  # not a trusted signer: not verified
+        if not compare_digest(st.params, pub):
+            raise SignatureError(f"sig:{st.key_id.hex()} has a trusted key id but another public key")
+        try:
+            Ed25519PublicKey.from_public_bytes(pub).verify(st.body, message)
+        except InvalidSignature:
+            raise SignatureError(f"signature sig:{st.key_id.hex()} by a trusted signer does not verify") from None
+        verified += 1
+    if verified == 0:
+        if sigs:
+            present = ", ".join(f"sig:{st.key_id.hex()}" for st in sigs)
+            raise SignatureError(f"not signed by a trusted signer; signatures present: {present}")
+        raise SignatureError("not signed by a trusted signer; the file carries no signature")
+
+
+# ---------------------------------------------------------------------------
 # §1.3 / §1.4 Opening a header
 # ---------------------------------------------------------------------------
 
-def open_header(hdr: Header, *, sym_key=None, x25519_private=None, passphrase=None) -> bytes:
+def open_header(hdr: Header, *, sym_key=None, x25519_private=None, passphrase=None,
+                trusted_signers=None, commitment: bytes | None = None) -> bytes:
+    """§1.4 steps 4-6. With `trusted_signers`, `commitment` (the stored payload commitment,
+    file bytes H+24..H+56) is required and the signatures are checked before any key is tried."""
+    if trusted_signers is not None:
+        if commitment is None:
+            raise ValueError("checking signatures needs the stored payload commitment")
+        check_signatures(hdr, commitment, trusted_signers)
     file_key = None
     for st, wrap_key, secret in _candidates(hdr, sym_key, x25519_private, passphrase):
         file_key = _unwrap(wrap_key(secret, hdr, st), hdr, st)
@@ -350,9 +441,17 @@ def open_payload(payload: bytes, file_key: bytes, context: bytes, full: int, las
 
 def open_encfs(data: bytes, *, sym_key: bytes | None = None,
                x25519_private: bytes | None = None,
-               passphrase: bytes | None = None) -> bytes:
-    hdr = parse_header(data)                       # §1, §1.1: format errors
+               passphrase: bytes | None = None,
+               trusted_signers=None) -> bytes:
+    """Opens a whole file. `trusted_signers`: None (no signature check) or a non-empty list of
+    raw 32-byte Ed25519 public keys; then a file without a valid signature by one of them
+    raises SignatureError (an IntegrityError) before any key is tried (§1.4 step 4, §1.5)."""
+    if trusted_signers is not None:
+        _trusted_by_id(trusted_signers)            # a caller error, before reading anything
+    hdr = parse_header(data)                       # §1, §1.1, §1.5 shape: format errors
     full, last = chunk_layout(len(data), hdr.length)  # §3: format errors, before any crypto
+    commitment = data[hdr.length + 24:hdr.length + 56]  # stored commitment (§1.4 step 4)
     file_key = open_header(hdr, sym_key=sym_key, x25519_private=x25519_private,
-                           passphrase=passphrase)  # §1.2-§1.4
+                           passphrase=passphrase, trusted_signers=trusted_signers,
+                           commitment=commitment)  # §1.2-§1.5
     return open_payload(data[hdr.length:], file_key, hdr.context, full, last)  # §2

@@ -277,6 +277,7 @@ class KeyRing:
         """With trusted ``signers``: ``SignatureError`` unless the header carries a valid
         signature by one of them over its context and ``commitment`` (the stored one; the reader
         then checks it against the keys it derives). Without: nothing, as before signatures."""
+        check_stanzas(header)
         if self.signers:
             sig.check(header.stanzas, header.context, commitment, self.signers)
 
@@ -297,9 +298,7 @@ class KeyRing:
         return file_key
 
     def _unwrap(self, header: Header) -> tuple[SecretBytes, str]:
-        types = [s.type for s in header.stanzas]
-        registry.check_known(types)
-        registry.check_per_header(types)
+        check_stanzas(header)
         identities = self.identities()
         present = [s.label for s in header.stanzas if not sig.is_signature(s)]
         tried = []
@@ -327,6 +326,17 @@ class KeyRing:
 
     def __repr__(self) -> str:
         return f"<KeyRing recipients={len(self._recipients)} identities={len(self._identities)} signers={len(self.signers)}>"
+
+
+def check_stanzas(header: Header) -> None:
+    """docs/FORMAT.md §1.4 step 3: every stanza type known, the per-header limits kept, at least
+    one recipient, and every ``sig`` stanza well formed (signers configured or not)."""
+    types = [s.type for s in header.stanzas]
+    registry.check_known(types)
+    registry.check_per_header(types)
+    for s in header.stanzas:
+        if sig.is_signature(s):
+            sig.check_stanza(s)
 
 
 def _trusted_signers(spec: Any) -> tuple:

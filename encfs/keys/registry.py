@@ -184,9 +184,11 @@ def check_per_header(types: Iterable[str], error: type[Exception] = FormatError,
     counts: dict[str, int] = {}
     for t in types:
         counts[t] = counts.get(t, 0) + 1
+    if counts and all(t in _TYPES and not _TYPES[t].classes for t in counts):
+        raise error("a header needs at least one recipient stanza besides its signatures (docs/FORMAT.md §1.5)")
     for t, n in counts.items():
         rtype = _TYPES.get(t)
         limit = rtype.max_per_header if rtype is not None else None
         if limit is not None and n > limit:
             most, s = ("one", "") if limit == 1 else (str(limit), "s")
-            raise error(f"more than {most} {t} {noun}{s}: a header holds at most {most} {t} stanza{s} (docs/FORMAT.md §1.2)")
+            raise error(f"more than {most} {t} {noun}{s}: a header holds at most {most} {t} stanza{s} (docs/FORMAT.md §1.2, §1.5)")
