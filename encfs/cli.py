@@ -1087,7 +1087,7 @@ def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | N
                 verified = None
                 if keyring is not None and keyring.signers:
                     keyring.check_signature(header, stored_commitment(header, head))
-                    verified = "writer signature OK (key not used: header MAC not checked)"
+                    verified = "writer signature OK over the stored key commitment (no key given: header MAC, commitment and payload not checked)"
     finally:
         target.close()
     pt = fmt.plaintext_size(size, header.length)
@@ -1210,7 +1210,7 @@ def _rewrap_prefixes(args: argparse.Namespace, prefixes: list, add: list[str], r
         out = rewrap_prefix(
             fs, path, url=arg, key=key_refs(args.key, "-k"), identities=key_refs(args.identity, "-i"), add=add, remove=remove,
             tolerant=tolerant, header_length=args.header_length, journal_path=args.journal, jobs=args.jobs, dask=args.dask,
-            progress=args.progress,
+            progress=args.progress, signers=list(args.signer) or None,
         )
         status |= report(out, args.json, verb="rewrapped")
     return status
@@ -1231,11 +1231,21 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     """New file keys for every file under the prefix: migrate it onto itself."""
     from .migrate import migrate, report  # noqa: PLC0415
 
+    sig_options = signatures(args)
+    if args.signer:
+        if not args.sign:
+            raise EncfsError(
+                "--signer without --sign: the re-encrypted files would carry no signature, and the read-back that "
+                "checks each one trusts only --signer; pass --sign KEYFILE (its key is trusted for the read-back)"
+            )
+        from .signing import SigningKey  # noqa: PLC0415
+
+        sig_options["signers"] = [*args.signer, SigningKey.load(args.sign).public]
     status = 0
     for arg in args.paths:
         fs, root = bulk_side("encfs::" + encfs_hops(arg)[0], args.storage_options, key=args.key or None,
                              recipients=args.recipient or None, identities=args.identity or None, header_length=args.header_length,
-                             **signatures(args))
+                             **sig_options)
         fs.keyring.recipients()
         if fs.keyring.signing_key() is None:
             print("note: the re-encrypted files carry no writer signature (a new file key voids an old one); "

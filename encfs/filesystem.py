@@ -123,6 +123,11 @@ class EncFileSystem(ChainedFileSystem):
             fs = fsspec.filesystem(target_protocol or "file", **target_options)
         self.fs = fs
         self.keyring = KeyRing(key, recipients, identities, signers=signers, sign_with=sign_with)
+        if allow_plaintext and self.keyring.signers:
+            raise ConfigError(
+                "signers= and allow_plaintext=True contradict each other: signers refuses every file no trusted "
+                "writer signed, allow_plaintext passes files that are not encfs files through unchecked"
+            )
         self.allow_plaintext = allow_plaintext
         self.backend_name = backend
         self.readahead = readahead

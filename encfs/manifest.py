@@ -434,15 +434,28 @@ def manifest_path(root: str) -> str:
 
 
 def read_bytes(enc: Any, root: str) -> bytes:
-    """The manifest of prefix ``root`` (a target path), decrypted if it is encrypted."""
+    """The manifest of prefix ``root`` (a target path), decrypted if it is encrypted. The
+    filesystem's writer-signature check (``signers=``) is not applied to it: a manifest is
+    signed on its own, by the keys ``load`` is given, and those are checked before its body
+    is parsed."""
     from . import format as fmt
+    from .file import EncryptedReader
+    from .reader import ChunkReader
 
     path = manifest_path(root)
     try:
         first = enc.fs.cat_file(path, start=0, end=len(fmt.MAGIC))
-        if first == fmt.MAGIC:
-            return enc.cat_file(path)
-        return enc.fs.cat_file(path)
+        if first != fmt.MAGIC:
+            return enc.fs.cat_file(path)
+        raw = enc.fs.open(path, "rb")
+        try:
+            size = raw.seek(0, 2)
+            reader = ChunkReader(raw, size, enc.keyring.without_signers(), name=path)
+        except BaseException:
+            raw.close()
+            raise
+        with EncryptedReader(enc, path, reader) as f:
+            return f.read()
     except FileNotFoundError:
         raise ManifestError(path, "no-manifest", "no manifest here (make one with 'encfs manifest create')") from None
     except EncfsError as e:

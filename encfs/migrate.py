@@ -45,15 +45,16 @@ def copy_object(src_fs: Any, src: str, dst_fs: Any, dst: str, durable: bool = Tr
     return {"size": d.n, "sha256": d.h.hexdigest(), "dst_stamp": bulk.stamp(dst_fs.info(dst))}
 
 
-def check_object(dst_fs: Any, dst: str, sha256: str, size: int) -> dict:
+def check_object(dst_fs: Any, dst: str, sha256: str, size: int, keep_failed: bool = False) -> dict:
     """Read ``dst`` back through its plaintext view and compare with what was copied. A copy
-    that does not match (or does not authenticate) is deleted; ``ok`` says which."""
+    that does not match (or does not authenticate) is deleted, unless ``keep_failed`` (in place,
+    where it is the only copy left: reported, never deleted); ``ok`` says which."""
     try:
         got, n = bulk.digest_of(dst_fs, dst)
         why = None if (got, n) == (sha256, size) else f"read back {n} bytes with SHA-256 {got[:16]}..., copied {size} with {sha256[:16]}..."
     except (EncfsError, OSError, ValueError) as e:
         why = f"{type(e).__name__}: {e}"
-    if why is not None:
+    if why is not None and not keep_failed:
         try:
             dst_fs.rm_file(dst)
         except FileNotFoundError:
@@ -144,7 +145,7 @@ def migrate(
         if not durable:
             journal.before_commit = lambda: sync_filesystem(_storage(dst_fs)._strip_protocol(dst_root))
         journal.flush()
-        _run(journal, rows, to_copy, to_check, src_fs, src_root, dst_fs, dst_root, jobs, dask, progress, out, durable)
+        _run(journal, rows, to_copy, to_check, src_fs, src_root, dst_fs, dst_root, jobs, dask, progress, out, durable, in_place)
         _sweep_temporaries(dst_fs, dst_root, rows)
     out.seconds = time.perf_counter() - t0
     return out
@@ -213,7 +214,8 @@ def sync_filesystem(path: str) -> None:
 
 
 def _run(journal: Journal, rows: dict[str, Row], to_copy: list[str], to_check: list[str], src_fs: Any, src_root: str,
-         dst_fs: Any, dst_root: str, jobs: int, dask: str | None, progress: bool, out: Summary, durable: bool = True) -> None:
+         dst_fs: Any, dst_root: str, jobs: int, dask: str | None, progress: bool, out: Summary, durable: bool = True,
+         in_place: bool = False) -> None:
     from tqdm import tqdm
 
     work = [("copy", rel) for rel in to_copy] + [("check", rel) for rel in to_check]
@@ -229,7 +231,7 @@ def _run(journal: Journal, rows: dict[str, Row], to_copy: list[str], to_check: l
                     runner.submit((kind, rel), copy_object, src_fs, _join(src_root, rel), dst_fs, _join(dst_root, rel), durable)
                 else:
                     row = rows[rel]
-                    runner.submit((kind, rel), check_object, dst_fs, _join(dst_root, rel), row.digest, row.size)
+                    runner.submit((kind, rel), check_object, dst_fs, _join(dst_root, rel), row.digest, row.size, in_place)
 
         feed()
         while len(runner):

@@ -59,11 +59,12 @@ def _header(fs: Any, path: str):
 
 
 def rewrap_object(fs: Any, path: str, key: list[str], identities: list[str], add: list[str], remove: list[str],
-                  tolerant: bool, header_length: int | None) -> dict:
+                  tolerant: bool, header_length: int | None, signers: list[str] | None = None) -> dict:
     """Bring one file's recipients to the asked set; return its labels and version stamp after.
-    ``tolerant``: a removal the file does not have is not an error (``revoke``)."""
+    ``tolerant``: a removal the file does not have is not an error (``revoke``). ``signers``:
+    refuse to rewrap a file no trusted writer signed."""
     with naming(path):
-        keyring = KeyRing(key or None, identities=identities or None)
+        keyring = KeyRing(key or None, identities=identities or None, signers=signers or None)
         try:
             header = _header(fs, path)
             adding = [r for r in (load_reference(ref) for ref in add) if not has_recipient(header.stanzas, r)]
@@ -91,7 +92,7 @@ def rewrap_object(fs: Any, path: str, key: list[str], identities: list[str], add
 def rewrap_prefix(
     fs: Any, root: str, *, url: str, key: list[str], identities: list[str], add: list[str], remove: list[str],
     tolerant: bool = False, header_length: int | None = None, journal_path: str | None = None, jobs: int = 4,
-    dask: str | None = None, progress: bool = True, op: str = "rewrap",
+    dask: str | None = None, progress: bool = True, op: str = "rewrap", signers: list[str] | None = None,
 ) -> Summary:
     """``rewrap_object`` for every file below ``root``, journaled (see the module doc)."""
     from tqdm import tqdm
@@ -119,7 +120,7 @@ def rewrap_prefix(
                 while pending and not runner.full:
                     rel = pending.pop()
                     path = root if single else f"{root.rstrip('/')}/{rel}"
-                    runner.submit(rel, rewrap_object, fs, path, key, identities, add, remove, tolerant, header_length)
+                    runner.submit(rel, rewrap_object, fs, path, key, identities, add, remove, tolerant, header_length, signers)
 
             feed()
             while len(runner):

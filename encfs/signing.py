@@ -54,17 +54,17 @@ class VerifyKey:
             buf = read_secret_file(text, f"signer file {text}", "signer file")
             try:
                 lines = [ln.strip() for ln in buf.decode("utf-8", "replace").splitlines()]
+                is_signing_key = any(ln.startswith(SIGNING_PREFIX) for ln in lines)
             finally:
                 wipe(buf)
+            if is_signing_key:  # the key itself decides, never the comment beside it
+                return SigningKey.load(text).verify_key
             for ln in lines:
                 body = ln.lstrip("#").strip()
                 if body.startswith("public key:"):
                     body = body[len("public key:"):].strip()
                 if body.startswith(PUBLIC_PREFIX):
                     return cls.parse(body)
-            if any(ln.startswith(SIGNING_PREFIX) for ln in lines):
-                key = SigningKey.load(text)
-                return key.verify_key
             raise KeyReferenceError(f"signer file {text}: no 'ed25519:' public key in it")
         raise KeyReferenceError("a signer must be 'ed25519:<base64url>' or the path of a file holding one")
 
@@ -78,6 +78,9 @@ class VerifyKey:
         except InvalidSignature:
             return False
         return True
+
+    def __reduce__(self) -> tuple:
+        return VerifyKey, (self.raw,)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VerifyKey) and other.raw == self.raw

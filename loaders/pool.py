@@ -152,9 +152,11 @@ class BufferPool:
         with self._mutex:
             self._drain_quarantine()
             free = self._free.get(size)
-            if free:
+            while free:
                 buf = free.pop()
                 self._idle_bytes -= size
+                if buf.released:  # released behind the pool's back (securemem's release of everything)
+                    continue
                 self.reuses += 1
                 return buf
             lock = self._fits(size) or self._evict_locked(size)

@@ -20,7 +20,9 @@ The key: ``register(key=..., **storage_options)`` (key *references*, never key b
 the dataset was made; unpickling one (in a spawn or forkserver DataLoader worker) imports this
 module, which installs the opener there. Fork workers inherit everything. (A list of plain
 ``str`` URLs is not expanded by webdataset and opens with ``register``'s options: fine in this
-process and fork workers; for spawn, pass ``expand_urls(pattern)``, which makes ``ShardURL``s.)
+process and fork workers; in a spawn worker, where ``register`` never ran, such a URL is a
+``ConfigError`` rather than an open with ``$ENCFS_KEY`` alone, which would drop the signers and
+options given to ``register``: pass ``expand_urls(pattern)``, which makes ``ShardURL``s.)
 
 Errors are never skipped by webdataset's default ``handler`` (``reraise_exception``): a wrong
 key raises ``NoMatchingKeyError``, a tampered or truncated shard ``IntegrityError``, from the
@@ -52,6 +54,7 @@ _BARE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")  # a chain hop: ``simplecache``
 _JOIN = "\x00"  # stands for ``::`` inside a chain while webdataset expands braces and ${WDS_*}
 
 _options: dict[str, Any] = {}  # register()'s storage options, for URLs made from now on
+_registered = False  # whether register() ran in this process (or the parent it forked from)
 _webdataset_expand = shardlists.expand_urls  # webdataset's own, before register() wraps it
 
 
@@ -113,6 +116,12 @@ def open_url(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Bina
         raise ConfigError(f"{url}: webdataset's shard cache (cache_dir=, $WDS_CACHE) would store the decrypted shard on local disk; turn it off for encfs:: URLs")
     if in_worker_process():
         limit_worker_threads()
+    if not isinstance(url, ShardURL) and not _registered and in_worker_process():
+        raise ConfigError(
+            f"{url}: a plain URL string in a DataLoader worker where register() never ran (a spawn or forkserver "
+            "worker): it would open with $ENCFS_KEY alone, without the key, signers or options given to register() "
+            "in the parent. Pass the URLs through encfs.loaders.webdataset.expand_urls(...), which carries them"
+        )
     opts = url.storage_options if isinstance(url, ShardURL) else _options
     fs, path = url_to_fs(str(url), **opts)
     return fs.open(path, mode)
@@ -123,9 +132,11 @@ def register(key: str | None = None, **storage_options: Any) -> None:
     ``::``-aware ``expand_urls``. ``key``: key references (``"keyfile:/path"``; default
     ``$ENCFS_KEY``); ``storage_options`` as for ``fsspec.open`` (``encfs={...}``, ``s3={...}``,
     or flat for the encfs hop). Call it before making datasets; calling again replaces the options."""
+    global _registered
     opts = dict(storage_options)
     if key is not None:
         opts[SCHEME] = {**opts.get(SCHEME, {}), "key": key}
+    _registered = True
     _options.clear()
     _options.update(opts)
     gopen.gopen_schemes[SCHEME] = open_url

@@ -14,6 +14,7 @@ key files of any type with a key-file prefix; the others by their recipient type
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any, Iterable, Union
 
@@ -316,8 +317,16 @@ class KeyRing:
             key_ids=present,
         )
 
+    def without_signers(self) -> "KeyRing":
+        """The same keys (shared, not reloaded) with no signer check: for files that carry a
+        signature of their own (a manifest), read by a filesystem that checks writer signatures."""
+        other = copy.copy(self)
+        other.signers = ()
+        return other
+
     def wipe(self) -> None:
         with self._loading.get():
+            self._signing_key = None
             for k in self._loaded.values():
                 wipe_key = getattr(k, "wipe", None)
                 if wipe_key:
