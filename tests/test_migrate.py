@@ -414,3 +414,19 @@ def test_s3_64mib_multipart_bounded_memory(tmp_path, keyref, s3, s3_endpoint):
     assert sha(ir.open_encfs(fs.cat(f"{bucket}/dst/big.bin"), sym_key=sym_key(keyref))) == sha(data)
     assert fs.info(f"{bucket}/src/big.bin")["ETag"] == src_etag
     assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+
+
+def test_failed_read_back_in_place_keeps_the_only_copy(tmp_path, keyref):
+    """reencrypt works in place: the copy it checks has replaced the source, so a read-back that
+    does not match is reported and the file kept (deleting it would lose the object); a copy
+    made beside its source is deleted instead (the source still has it)."""
+    from encfs.filesystem import EncFileSystem
+    from encfs.migrate import check_object
+
+    enc = EncFileSystem(target_protocol="file", key=keyref, skip_instance_cache=True)
+    for keep in (True, False):
+        path = str(tmp_path / f"obj-{keep}")
+        enc.pipe_file(path, b"x" * 5000)
+        got = check_object(enc, path, "0" * 64, 5000, keep_failed=keep)
+        assert not got["ok"] and "SHA-256" in got["why"]
+        assert os.path.exists(path) == keep
