@@ -439,39 +439,50 @@ def read_bytes(enc: Any, root: str) -> bytes:
     signed on its own, by the keys ``load`` is given, and those are checked before its body
     is parsed."""
     from . import format as fmt
-    from .file import EncryptedReader
-    from .reader import ChunkReader
 
     path = manifest_path(root)
     try:
         first = enc.fs.cat_file(path, start=0, end=len(fmt.MAGIC))
-        if first != fmt.MAGIC:
-            return enc.fs.cat_file(path)
-        raw = enc.fs.open(path, "rb")
-        try:
-            size = raw.seek(0, 2)
-            reader = ChunkReader(raw, size, enc.keyring.without_signers(), name=path)
-        except BaseException:
-            raw.close()
-            raise
-        with EncryptedReader(enc, path, reader) as f:
-            return f.read()
+        return decrypt_self_signed(enc, path) if first == fmt.MAGIC else enc.fs.cat_file(path)
     except FileNotFoundError:
         raise ManifestError(path, "no-manifest", "no manifest here (make one with 'encfs manifest create')") from None
     except EncfsError as e:
         raise ManifestError(path, "unreadable", f"{type(e).__name__}: {e}") from None
 
 
-def write_bytes(enc: Any, root: str, data: bytes, plain: bool = False) -> str:
-    """Store manifest ``data`` at ``root``: encrypted through ``enc``, or in the clear; atomically."""
+def decrypt_self_signed(enc: Any, path: str) -> bytes:
+    """The plaintext of encrypted file ``path`` without ``enc``'s writer-signature check
+    (``signers=``): for files that carry a signature of their own, checked by their reader (a
+    manifest, a model version log)."""
+    from .file import EncryptedReader
+    from .reader import ChunkReader
+
+    raw = enc.fs.open(path, "rb")
+    try:
+        reader = ChunkReader(raw, raw.seek(0, 2), enc.keyring.without_signers(), name=path)
+    except BaseException:
+        raw.close()
+        raise
+    with EncryptedReader(enc, path, reader) as f:
+        return bytes(f.read())
+
+
+def store(enc: Any, path: str, data: bytes, plain: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically: encrypted through ``enc``, or in the clear."""
     from .sink import fill_atomically, open_sink
 
-    path = manifest_path(root)
     if plain:
         fill_atomically(open_sink(enc.fs, path, durable=getattr(enc, "durable", True)), lambda s: s.write(data))
     else:
         with enc.open(path, "wb") as f:
             f.write(data)
+    enc.invalidate_cache(path)
+
+
+def write_bytes(enc: Any, root: str, data: bytes, plain: bool = False) -> str:
+    """Store manifest ``data`` at ``root``: encrypted through ``enc``, or in the clear; atomically."""
+    path = manifest_path(root)
+    store(enc, path, data, plain)
     return path
 
 

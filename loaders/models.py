@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from encfs.errors import EncfsError
 from encfs.keys.sources import b64decode, b64encode
-from encfs.manifest import FIELDS, Entry, ManifestError, check_reader, check_rows, now_utc
+from encfs.manifest import FIELDS, Entry, ManifestError, check_reader, check_rows, decrypt_self_signed, now_utc, store
 from encfs.signing import SigningKey, VerifyKey
 
 LOG_NAME = ".encfs-versions"
@@ -235,23 +235,11 @@ def _read_log(enc: Any, root: str) -> tuple[bytes | None, bytes | None]:
     if not stored.startswith(fmt.MAGIC):
         return stored, stored
     try:
-        return stored, enc.cat_file(path)
+        return stored, decrypt_self_signed(enc, path)
     except FileNotFoundError:
         return None, None
     except EncfsError as e:
         raise ModelError(path, "unreadable", f"{type(e).__name__}: {e}") from None
-
-
-def _write_log(enc: Any, root: str, data: bytes, plain: bool) -> None:
-    from encfs.sink import fill_atomically, open_sink
-
-    path = log_path(root)
-    if plain:
-        fill_atomically(open_sink(enc.fs, path, durable=getattr(enc, "durable", True)), lambda s: s.write(data))
-    else:
-        with enc.open(path, "wb") as f:
-            f.write(data)
-    enc.invalidate_cache(path)
 
 
 def versions(
@@ -482,7 +470,7 @@ def _publish(
         now, _ = _read_log(enc, root)
         if now != stored:
             raise ModelError(where, "conflict", "the log changed while this version was written (a concurrent save); nothing was logged")
-        _write_log(enc, root, (data if data is not None else FORMAT_LINE) + line + b"\n", plain_log)
+        store(enc, log_path(root), (data if data is not None else FORMAT_LINE) + line + b"\n", plain_log)
     except BaseException:
         for p in written:
             with contextlib.suppress(Exception):

@@ -592,3 +592,24 @@ def test_every_reason_is_documented():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "MODELS.md").read_text()
     assert [r for r in M.REASONS if f"| `{r}` |" not in doc] == []
+
+
+def test_writer_signatures_with_models(tmp_path, keyref):
+    """A filesystem that checks writer signatures (``signers=``) loads versions written by a
+    signing writer (``sign_with=``); the version log, signed on its own, is read without the
+    writer check; an unsigned version file is refused before deserialisation."""
+    from encfs.errors import SignatureError
+    from encfs.signing import write_signing_key
+
+    key = SigningKey.generate()
+    write_signing_key(str(tmp_path / "w.sign"), key)
+    root = str(tmp_path / "m")
+    writer = EncFileSystem(target_protocol="file", key=keyref, sign_with=str(tmp_path / "w.sign"), skip_instance_cache=True)
+    reader = EncFileSystem(target_protocol="file", key=keyref, signers=[key.public], skip_instance_cache=True)
+    L.save(state_dict(5), root, sign=key, fs=writer)
+    assert same(L.load(root, signers=[key.public], fs=reader), state_dict(5))
+    unsigned = EncFileSystem(target_protocol="file", key=keyref, skip_instance_cache=True)
+    L.save(state_dict(6), root, sign=key, fs=unsigned)
+    with pytest.raises((SignatureError, M.ModelError)) as info:
+        L.load(root, signers=[key.public], fs=reader)
+    assert "signed" in str(info.value)
