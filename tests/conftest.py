@@ -102,6 +102,17 @@ def keyref(tmp_path) -> str:
 
 
 @pytest.fixture
+def signer(tmp_path):
+    """A writer's Ed25519 signing key and the path of its key file (``sign_with=``)."""
+    from encfs.signing import SigningKey, write_signing_key
+
+    key = SigningKey.generate()
+    path = tmp_path / "writer.sign"
+    write_signing_key(str(path), key)
+    return key, str(path)
+
+
+@pytest.fixture
 def other_keyref(tmp_path) -> str:
     return write_key(tmp_path / "other.key")
 

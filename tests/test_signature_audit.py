@@ -26,21 +26,10 @@ from encfs.header import unlock
 from encfs.keys import KeyRing, X25519Identity, key_file_text, load_reference, public_reference, sig
 from encfs.signing import SigningKey, VerifyKey, write_signing_key
 
+from .test_signatures import fs
 
 DATA = os.urandom(3 * 16384 + 100)
 L = 2**252 + 27742317777372353535851937790883648493  # Ed25519 group order
-
-
-@pytest.fixture
-def signer(tmp_path) -> tuple[SigningKey, str]:
-    key = SigningKey.generate()
-    path = tmp_path / "writer.sign"
-    write_signing_key(str(path), key)
-    return key, str(path)
-
-
-def fs(**kw) -> EncFileSystem:
-    return EncFileSystem(target_protocol="file", skip_instance_cache=True, **kw)
 
 
 def reseal(path: Path, keyref: str, edit) -> None:

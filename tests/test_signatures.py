@@ -33,14 +33,6 @@ from .conftest import write_key
 DATA = os.urandom(3 * 16384 + 100)
 
 
-@pytest.fixture
-def signer(tmp_path) -> tuple[SigningKey, str]:
-    key = SigningKey.generate()
-    path = tmp_path / "writer.sign"
-    write_signing_key(str(path), key)
-    return key, str(path)
-
-
 def fs(**kw) -> EncFileSystem:
     return EncFileSystem(target_protocol="file", skip_instance_cache=True, **kw)
 
