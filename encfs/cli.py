@@ -1231,22 +1231,13 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     """New file keys for every file under the prefix: migrate it onto itself."""
     from .migrate import migrate, report  # noqa: PLC0415
 
-    sig_options = signatures(args)
-    if args.signer:
-        if not args.sign:
-            raise EncfsError(
-                "--signer without --sign: the re-encrypted files would carry no signature, and the read-back that "
-                "checks each one trusts only --signer; pass --sign KEYFILE (its key is trusted for the read-back)"
-            )
-        from .signing import SigningKey  # noqa: PLC0415
-
-        sig_options["signers"] = [*args.signer, SigningKey.load(args.sign).public]
     status = 0
     for arg in args.paths:
         fs, root = bulk_side("encfs::" + encfs_hops(arg)[0], args.storage_options, key=args.key or None,
                              recipients=args.recipient or None, identities=args.identity or None, header_length=args.header_length,
-                             **sig_options)
+                             **signatures(args))
         fs.keyring.recipients()
+        check_signed_writes(fs)
         if fs.keyring.signing_key() is None:
             print("note: the re-encrypted files carry no writer signature (a new file key voids an old one); "
                   "pass --sign KEYFILE to sign them", file=sys.stderr)
@@ -1279,6 +1270,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def check_signed_writes(fs: EncFileSystem) -> None:
+    """A bulk writer reads back what it wrote: where its reads check writer signatures
+    (``--signer``, ``$ENCFS_SIGNERS``) it must sign (``--sign``), and its own key is trusted for
+    that read-back. Refused up front otherwise: every copy would fail its check."""
+    ring = fs.keyring
+    if not ring.signers:
+        return
+    key = ring.signing_key()
+    if key is None:
+        raise EncfsError(
+            "reads here check writer signatures (--signer or $ENCFS_SIGNERS) but the files written would carry none, "
+            "so every read-back would be refused: pass --sign KEYFILE (its key is trusted for the read-back)"
+        )
+    if key.verify_key not in ring.signers:
+        ring.signers = (*ring.signers, key.verify_key)
+
+
 def bulk_side(arg: str, options: dict[str, Any], **keys: Any) -> tuple[Any, str]:
     """The filesystem and root of one side of a bulk operation: the target itself, or an
     ``EncFileSystem`` over it when ``arg`` has an ``encfs::`` hop (keys as references)."""
@@ -1302,6 +1310,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise EncfsError("neither SRC nor DST is encrypted (encfs::URL): that is a plain copy, not a migration")
     if isinstance(dst_fs, EncFileSystem):
         dst_fs.keyring.recipients()  # no key: one clear error before anything is listed
+        check_signed_writes(dst_fs)
     out = migrate(
         src_fs, src, dst_fs, dst, src_url=args.src, dst_url=args.dst, journal_path=args.journal, jobs=args.jobs,
         dask=args.dask, include=args.include, exclude=args.exclude, dry_run=args.dry_run, progress=args.progress,

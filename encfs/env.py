@@ -8,6 +8,7 @@ import os
 from .errors import ConfigError
 
 KEY = "ENCFS_KEY"
+SIGNERS = "ENCFS_SIGNERS"
 BACKEND = "ENCFS_BACKEND"
 THREADS = "ENCFS_THREADS"
 NATIVE_MIN_CHUNKS = "ENCFS_NATIVE_MIN_CHUNKS"
@@ -44,3 +45,9 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 def default_key() -> str | None:
     """``$ENCFS_KEY``: comma-separated key references used when none are passed."""
     return os.environ.get(KEY) or None
+
+
+def default_signers() -> str | None:
+    """``$ENCFS_SIGNERS``: comma-separated trusted writers' public keys (``ed25519:...``) used when
+    ``signers=`` is not passed: a host-wide policy that every file read must be signed."""
+    return os.environ.get(SIGNERS, "").strip() or None

@@ -24,7 +24,7 @@ from . import cobblestone as cs
 from . import format as fmt
 from .backend import CipherBackend, get_backend
 from .copying import copy_stream
-from .env import default_key
+from .env import default_key, default_signers
 from .errors import ConfigError, FormatError, naming, with_path
 from .file import DEFAULT_READAHEAD, EncryptedReader
 from .forking import ForkLocal
@@ -38,13 +38,16 @@ from .sink import LocalSink, fill_atomically, is_local, is_temp_name, open_sink
 from .transaction import EncTransaction
 from .writer import EncryptedTextWriter, EncryptedWriter, PayloadWriter
 
-class _EnvDefaultKey:
-    """Class-level value of ``$ENCFS_KEY``, so fsspec's instance cache (keyed by constructor
-    arguments plus ``_extra_tokenize_attributes``) never hands out an instance built for an
-    earlier value of the variable."""
+class _EnvDefault:
+    """Class-level value of an environment default (``$ENCFS_KEY``, ``$ENCFS_SIGNERS``), so
+    fsspec's instance cache (keyed by constructor arguments plus ``_extra_tokenize_attributes``)
+    never hands out an instance built for an earlier value of the variable."""
+
+    def __init__(self, read: Any):
+        self.read = read
 
     def __get__(self, obj: Any, cls: Any) -> str | None:
-        return default_key()
+        return self.read()
 
 
 class EncFileSystem(ChainedFileSystem):
@@ -85,7 +88,8 @@ class EncFileSystem(ChainedFileSystem):
         Trusted writers' Ed25519 public keys (``ed25519:<base64url>`` references, or files holding
         one; a list or comma-separated). Every file opened must carry a valid signature by one of
         them (``SignatureError`` otherwise, before any byte or key is used): a holder of a public
-        recipient key can no longer write files these readers accept. Default: no check.
+        recipient key can no longer write files these readers accept. Default: ``$ENCFS_SIGNERS``
+        (a host-wide policy), else no check.
     sign_with:
         A signing key file (``encfs manifest keygen``) or ``encfs.signing.SigningKey``: every
         file written carries that writer's signature (docs/FORMAT.md §1.5). Pass a path, not a
@@ -95,8 +99,9 @@ class EncFileSystem(ChainedFileSystem):
     protocol = "encfs"
     root_marker = ""
     transaction_type = EncTransaction
-    _env_default_key = _EnvDefaultKey()
-    _extra_tokenize_attributes = ("_env_default_key",)
+    _env_default_key = _EnvDefault(default_key)
+    _env_default_signers = _EnvDefault(default_signers)
+    _extra_tokenize_attributes = ("_env_default_key", "_env_default_signers")
 
     def __init__(
         self,

@@ -78,6 +78,7 @@ def seal_span(key: bytes, nonce: bytes, first: int, pt: bytes, final: bool) -> b
 @pytest.fixture(autouse=True)
 def _no_env_key(monkeypatch):
     monkeypatch.delenv("ENCFS_KEY", raising=False)
+    monkeypatch.delenv("ENCFS_SIGNERS", raising=False)
 
 
 @pytest.fixture(autouse=True)

@@ -328,3 +328,35 @@ def test_passphrase_and_key_file_writer_signatures_coexist(tmp_path, signer):
     fs(key=refs, sign_with=path).pipe_file(str(tmp_path / "a"), DATA)
     for r in refs:
         assert fs(key=r, signers=[key.public]).cat_file(str(tmp_path / "a")) == DATA
+
+
+def test_env_signers_are_a_host_policy(tmp_path, keyref, signer, monkeypatch):
+    """``$ENCFS_SIGNERS`` is the default ``signers=``: set on a host (and inherited by its loader
+    workers), every read there checks writer signatures; fsspec's instance cache never hands
+    out a filesystem made before the variable changed."""
+    import fsspec
+
+    key, path = signer
+    fs(key=keyref, sign_with=path).pipe_file(str(tmp_path / "signed"), DATA)
+    fs(key=keyref).pipe_file(str(tmp_path / "unsigned"), DATA)
+    url = f"encfs::file://{tmp_path / 'unsigned'}"
+    with fsspec.open(url, "rb", encfs={"key": keyref}) as f:
+        assert f.read() == DATA
+    monkeypatch.setenv("ENCFS_SIGNERS", key.public)
+    with pytest.raises(SignatureError):
+        with fsspec.open(url, "rb", encfs={"key": keyref}) as f:
+            f.read()
+    assert fs(key=keyref).cat_file(str(tmp_path / "signed")) == DATA
+    with pytest.raises(Exception, match="contradict"):
+        fs(key=keyref, allow_plaintext=True)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").write_bytes(DATA)
+    env = {**os.environ, "ENCFS_SIGNERS": key.public}
+    res = subprocess.run([sys.executable, "-m", "encfs.cli", "migrate", "-k", keyref, "--journal", str(tmp_path / "j.db"), "--no-progress",
+                          str(tmp_path / "src"), f"encfs::file://{tmp_path / 'dst'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode != 0 and "pass --sign" in res.stderr
+    assert not (tmp_path / "dst").exists() or not any((tmp_path / "dst").iterdir())
+    res = subprocess.run([sys.executable, "-m", "encfs.cli", "migrate", "-k", keyref, "--sign", path, "--journal", str(tmp_path / "j2.db"),
+                          "--no-progress", str(tmp_path / "src"), f"encfs::file://{tmp_path / 'dst'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert fs(key=keyref).cat_file(str(tmp_path / "dst" / "a")) == DATA

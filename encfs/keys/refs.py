@@ -238,7 +238,7 @@ class KeyRing:
         self._key = _split(key)
         self._recipients = _split(recipients) if recipients is not None else self._key
         self._identities = _split(identities) if identities is not None else self._key
-        self.signers = _trusted_signers(signers)
+        self.signers = _trusted_signers(signers if signers is not None else env.default_signers())
         self._sign_with = sign_with
         self._signing_key: Any = None
         self._loaded: dict[str, KeyObject] = {}
