@@ -25,6 +25,21 @@ from .keys.sources import b64decode32, b64encode, read_secret_file, wipe
 
 SIGNING_PREFIX = "encfs-ed25519-signing-v1:"
 PUBLIC_PREFIX = "ed25519:"
+_SMALL_ORDER_Y = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "00" * 32,  # order 4
+        "01" + "00" * 31,  # the identity
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "ec" + "ff" * 30 + "7f",  # p - 1: order 2
+        "ed" + "ff" * 30 + "7f",  # p (non-canonical 0)
+        "ee" + "ff" * 30 + "7f",  # p + 1 (non-canonical 1)
+    )
+)
+"""The y coordinates (sign bit cleared) of the Ed25519 points of small order, canonical and not:
+under such a public key one signature verifies for a fraction of all messages, so it is refused
+as a trusted key (the list libsodium blocks; tests/test_signatures.py checks each with pyca)."""
 
 
 class VerifyKey:
@@ -35,6 +50,8 @@ class VerifyKey:
     def __init__(self, raw: bytes):
         if len(raw) != 32:
             raise KeyReferenceError("an Ed25519 public key is 32 bytes")
+        if bytes(raw[:31]) + bytes([raw[31] & 0x7F]) in _SMALL_ORDER_Y:
+            raise KeyReferenceError("a small-order Ed25519 public key: signatures under it can be forged, so it cannot be trusted")
         self.raw = bytes(raw)
         self._key = Ed25519PublicKey.from_public_bytes(self.raw)
 

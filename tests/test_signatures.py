@@ -360,3 +360,35 @@ def test_env_signers_are_a_host_policy(tmp_path, keyref, signer, monkeypatch):
                           "--no-progress", str(tmp_path / "src"), f"encfs::file://{tmp_path / 'dst'}"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert fs(key=keyref).cat_file(str(tmp_path / "dst" / "a")) == DATA
+
+
+def test_small_order_keys_refused_as_signers():
+    """Under a small-order public key the signature (R = identity, S = 0) verifies for a share of
+    all messages (checked here with pyca, the independent reference): such keys are refused as
+    trusted signers, in both sign-bit forms, canonical or not; a real key is never affected."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from encfs.keys.sources import b64encode
+    from encfs.signing import _SMALL_ORDER_Y, VerifyKey
+
+    forged = bytes([1]) + bytes(63)
+    assert len(_SMALL_ORDER_Y) == 7
+    for y in _SMALL_ORDER_Y:
+        for sign in (0, 0x80):
+            raw = y[:31] + bytes([y[31] | sign])
+            pub = Ed25519PublicKey.from_public_bytes(raw)
+            hits = 0
+            for i in range(64):
+                try:
+                    pub.verify(forged, b"message %d" % i)
+                    hits += 1
+                except InvalidSignature:
+                    pass
+            assert hits > 0, raw.hex()  # small order indeed: a forgery verifies
+            with pytest.raises(KeyReferenceError, match="small-order"):
+                VerifyKey(raw)
+            with pytest.raises(KeyReferenceError, match="small-order"):
+                fs(key=None, signers=["ed25519:" + b64encode(raw)])
+    real = SigningKey.generate().verify_key
+    assert not any(real.verify(forged, b"message %d" % i) for i in range(64))
