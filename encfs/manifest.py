@@ -682,6 +682,11 @@ def add_subcommand(sub: Any, parents: list | None = None, storage_parents: list 
     def data_keys(p: Any) -> None:
         p.add_argument("-k", "--key", action="append", default=[], help="key reference to read the data (repeatable; default $ENCFS_KEY)")
         p.add_argument("-i", "--identity", action="append", default=[], help="decrypt with this reference (repeatable)")
+        p.add_argument(
+            "--writer-signer", action="append", default=[], metavar="PUBKEY",
+            help="refuse data files that no such trusted writer signed (writer signatures, docs/FORMAT.md section 1.5; "
+            "repeatable; default $ENCFS_SIGNERS)",
+        )
 
     cp = msub.add_parser("create", parents=storage_parents, help="hash every file of PREFIX and write a signed manifest PREFIX/.encfs-manifest")
     data_keys(cp)
@@ -715,7 +720,7 @@ def _enc(args: Any) -> tuple[Any, str]:
     extra = list(getattr(args, "recipient", None) or [])
     enc = EncFileSystem(
         fs=fs, key=keys or None, identities=list(args.identity or []) or None,
-        recipients=(keys + extra) if extra else None, skip_instance_cache=True,
+        recipients=(keys + extra) if extra else None, signers=list(args.writer_signer or []) or None, skip_instance_cache=True,
     )
     return enc, path
 

@@ -490,3 +490,20 @@ def test_cli_plain_manifest_and_wrong_signer(dataset, tmp_path):
     assert r.returncode == 1 and "untrusted-signer" in r.stderr
     r = encfs_cli("manifest", "pubkey", str(signer))
     assert r.returncode == 0 and r.stdout.strip() == SigningKey.load(str(signer)).public
+
+
+def test_cli_manifest_requires_writer_signatures_when_asked(dataset, tmp_path, signer):
+    """``--writer-signer``: a file no trusted writer signed (one planted by a holder of a public
+    recipient key, say) is refused while the manifest is made, rather than hashed into it."""
+    fs, root, _, _, keyref = dataset
+    wkey, wpath = signer
+    mkey = tmp_path / "m.key"
+    write_signing_key(str(mkey), SigningKey.generate())
+    signed = EncFileSystem(target_protocol="file", key=keyref, sign_with=wpath, skip_instance_cache=True)
+    for rel in SIZES:  # every file written again by the trusted writer
+        signed.pipe_file(str(root / rel), fs.cat_file(str(root / rel)))
+    r = encfs_cli("manifest", "create", str(root), "--sign", str(mkey), "-k", keyref, "--writer-signer", wkey.public)
+    assert r.returncode == 0, r.stderr
+    fs.pipe_file(str(root / "train" / "planted.bin"), b"x" * 64)  # unsigned
+    r = encfs_cli("manifest", "create", str(root), "--sign", str(mkey), "-k", keyref, "--writer-signer", wkey.public)
+    assert r.returncode != 0 and "planted.bin" in r.stderr and "signed" in r.stderr
