@@ -97,7 +97,7 @@ class Migration:
                 raise
             p.send_signal(signal.SIGKILL)
             out, err = p.communicate()
-            return True, p.returncode, out, err
+            return p.returncode == -signal.SIGKILL, p.returncode, out, err  # it may have ended just before the kill
 
 
 def journal_states(path: Path) -> dict[str, int]:
