@@ -35,7 +35,7 @@ from .backend import get_backend
 from .copying import copy_stream, write_all
 from .errors import ConfigError, EncfsError, KeyReferenceError, naming
 from .filesystem import EncFileSystem
-from .header import open_header, read_header, stored_commitment
+from .header import open_header, read_header, read_signed_header
 from .keys import KeyRing, SymmetricKey, X25519Identity, key_file_text, load_reference, public_reference
 from .keys import sig
 from .keys.base import key_label
@@ -1082,12 +1082,11 @@ def inspect_file(path: str, keyring: KeyRing | None, options: dict[str, Any] | N
                 opened = open_header(target.read_at, size, keyring)
                 opened.keys.wipe()
                 header, verified = opened.header, "header MAC and key commitment OK (chunks not read)"
+            elif keyring is not None and keyring.signers:
+                header = read_signed_header(target.read_at, size, keyring)[0]
+                verified = "writer signature OK over the stored key commitment (no key given: header MAC, commitment and payload not checked)"
             else:
-                header, head = read_header(target.read_at, size)
-                verified = None
-                if keyring is not None and keyring.signers:
-                    keyring.check_signature(header, stored_commitment(header, head))
-                    verified = "writer signature OK over the stored key commitment (no key given: header MAC, commitment and payload not checked)"
+                header, verified = read_header(target.read_at, size)[0], None
     finally:
         target.close()
     pt = fmt.plaintext_size(size, header.length)

@@ -1,5 +1,6 @@
 """Opening a header, in the order docs/FORMAT.md §1.4 gives: fixed fields, sizes, stanzas
-(``read_header``); the file key unwrapped and the header MAC checked (``unlock``); the
+(``read_header``); the writer's signature where signers are trusted (``read_signed_header``);
+the file key unwrapped and the header MAC checked (``unlock``); the
 payload keys derived and their commitment checked (``open_header``). The reader, ``encfs
 inspect`` and rewrap all open headers here."""
 
@@ -51,6 +52,15 @@ def stored_commitment(header: fmt.Header, head: bytes) -> bytes:
     return bytes(head[header.length + cs.SALT_SIZE : header.length + cs.PAYLOAD_PREFIX_SIZE])
 
 
+def read_signed_header(read_at: ReadAt, ciphertext_size: int, keyring: KeyRing) -> tuple[fmt.Header, bytes]:
+    """``read_header``, then the stanza rules and, where the keyring trusts signers, the writer's
+    signature (docs/FORMAT.md §1.4 steps 3-4): before any key is tried, so a forged file costs
+    no KMS call and is never rewrapped for anyone."""
+    header, head = read_header(read_at, ciphertext_size)
+    keyring.check_signature(header, stored_commitment(header, head))
+    return header, head
+
+
 def unlock(header: fmt.Header, keyring: KeyRing) -> SecretBytes:
     """The file key, unwrapped by a configured identity, with the header MAC verified under it."""
     file_key = keyring.unwrap(header)
@@ -63,12 +73,10 @@ def unlock(header: fmt.Header, keyring: KeyRing) -> SecretBytes:
 
 
 def open_header(read_at: ReadAt, ciphertext_size: int, keyring: KeyRing) -> OpenedHeader:
-    """Everything up to the chunks: header read, the writer's signature checked when the
-    keyring trusts signers (before any key is unwrapped: a forged file costs no KMS call),
-    header authenticated, payload keys derived and their commitment checked (the caller wipes
-    ``keys``)."""
-    header, head = read_header(read_at, ciphertext_size)
-    keyring.check_signature(header, stored_commitment(header, head))
+    """Everything up to the chunks: header read and its writer's signature checked
+    (``read_signed_header``), header authenticated, payload keys derived and their commitment
+    checked (the caller wipes ``keys``)."""
+    header, head = read_signed_header(read_at, ciphertext_size, keyring)
     prefix = head[header.length : header.length + cs.PAYLOAD_PREFIX_SIZE]
     file_key = unlock(header, keyring)
     try:

@@ -23,7 +23,7 @@ from . import format as fmt
 from . import s3copy
 from .copying import RangeReader, copy_stream
 from .errors import EncfsError, naming
-from .header import read_header, stored_commitment, unlock
+from .header import read_signed_header, unlock
 from .keys import KeyRing, Recipient
 from .keys.base import key_label
 from .remote import is_s3
@@ -44,13 +44,12 @@ class RewrapResult:
 
 
 def _reheader(
-    header: fmt.Header, head: bytes, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[Removal], header_length: int | None
+    header: fmt.Header, keyring: KeyRing, add: Sequence[Recipient], remove: Sequence[Removal], header_length: int | None
 ) -> tuple[bytes, RewrapResult]:
     """The new header bytes and what changed. The header keeps its length (so the file keeps the
     length listings assume) unless a larger ``header_length`` is asked for; stanzas that do not
-    fit are a ``HeaderFullError``. A keyring that trusts signers refuses a file no trusted writer
-    signed (no recipient is ever given a forged file)."""
-    keyring.check_signature(header, stored_commitment(header, head))
+    fit are a ``HeaderFullError``. ``header`` comes from ``read_signed_header``: a keyring that
+    trusts signers never gives a recipient a forged file."""
     file_key = unlock(header, keyring)
     try:
         keep, removed = [], []
@@ -120,8 +119,8 @@ def _rewrap_local(
         assert fd is not None
         fcntl.flock(fd, fcntl.LOCK_EX)
         st = os.fstat(fd)
-        header, first = read_header(target.read_at, st.st_size)
-        head, res = _reheader(header, first, keyring, add, remove, header_length)
+        header, _ = read_signed_header(target.read_at, st.st_size, keyring)
+        head, res = _reheader(header, keyring, add, remove, header_length)
         if in_place and res.in_place and _write_header_in_place(path, st.st_ino, head):
             return res
 
@@ -162,8 +161,8 @@ def rewrap(
                 raw = fs.open(path, "rb")
                 target, size = Target(raw), raw.seek(0, os.SEEK_END)
             try:
-                header, first = read_header(target.read_at, size)
-                head, res = _reheader(header, first, keyring, add, remove, header_length)
+                header, _ = read_signed_header(target.read_at, size, keyring)
+                head, res = _reheader(header, keyring, add, remove, header_length)
 
                 def fill(sink: Sink) -> None:
                     sink.write(head)

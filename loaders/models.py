@@ -38,7 +38,7 @@ import posixpath
 import re
 import shutil
 import tempfile
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from encfs.errors import EncfsError
 from encfs.keys.sources import b64decode, b64encode
@@ -310,29 +310,28 @@ def _open_checked(enc: Any, root: str, fe: Entry, by_id: dict[str, str]) -> Any:
     return f
 
 
-def _chunks(f: Any, path: str) -> Iterator[bytes]:
-    try:
-        while block := f.read(READ_BLOCK):
-            yield block
-    except EncfsError as e:
-        raise ModelError(path, "unreadable", f"{type(e).__name__}: {e}") from None
-
-
-def _check_digest(h: Any, total: int, fe: Entry, path: str) -> None:
+def _stream_verified(enc: Any, root: str, fe: Entry, by_id: dict[str, str], write: Callable[[bytes], Any]) -> None:
+    """Every block of ``fe``'s plaintext to ``write``, the file checked against ``fe`` at open;
+    ``ModelError`` at the end unless its size and SHA-256 are the entry's (the caller keeps
+    what it wrote away from any parser until this returns)."""
+    path = f"{root}/{fe.path}"
+    h, total = hashlib.sha256(), 0
+    with _open_checked(enc, root, fe, by_id) as f:
+        try:
+            while block := f.read(READ_BLOCK):
+                h.update(block)
+                write(block)
+                total += len(block)
+        except EncfsError as e:
+            raise ModelError(path, "unreadable", f"{type(e).__name__}: {e}") from None
     if total != fe.size or not hmac.compare_digest(h.hexdigest(), fe.sha256):
         raise ModelError(path, "modified", "the plaintext's SHA-256 is not the signed log's (forged by a holder of the file key?)")
 
 
 def read_verified(enc: Any, root: str, fe: Entry, by_id: dict[str, str]) -> bytes:
     """The whole plaintext of ``fe``, returned only once it matched the entry at open and by SHA-256."""
-    path = f"{root}/{fe.path}"
-    h, parts, total = hashlib.sha256(), [], 0
-    with _open_checked(enc, root, fe, by_id) as f:
-        for block in _chunks(f, path):
-            h.update(block)
-            parts.append(block)
-            total += len(block)
-    _check_digest(h, total, fe, path)
+    parts: list[bytes] = []
+    _stream_verified(enc, root, fe, by_id, parts.append)
     return b"".join(parts)
 
 
@@ -616,12 +615,6 @@ def from_pretrained(
 
 
 def _decrypt_to(enc: Any, root: str, fe: Entry, by_id: dict[str, str], dest: str) -> None:
-    path = f"{root}/{fe.path}"
     os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
-    h, total = hashlib.sha256(), 0
-    with _open_checked(enc, root, fe, by_id) as f, open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-        for block in _chunks(f, path):
-            h.update(block)
-            out.write(block)
-            total += len(block)
-    _check_digest(h, total, fe, path)
+    with open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        _stream_verified(enc, root, fe, by_id, out.write)
