@@ -93,18 +93,27 @@ def test_unsigned_and_foreign_signed_refused(tmp_path, keyref, signer, backend):
     assert str(tmp_path / "foreign") in str(e.value)
 
 
-def test_public_key_holder_cannot_forge(tmp_path, signer):
-    """The gap the issue names: anyone with the X25519 *public* key writes a file the identity
-    holder reads as authentic. With signers configured it is refused."""
+@pytest.fixture
+def signed_and_forged(tmp_path, signer):
+    """A signed and an unsigned file to one X25519 identity; the forged one made by a holder of
+    its public key only."""
     key, path = signer
     ident = X25519Identity.generate()
     (tmp_path / "id").write_text(key_file_text(ident))
     public = public_reference(ident.recipient.public)
     fs(recipients=public, sign_with=path).pipe_file(str(tmp_path / "real"), DATA)
     fs(recipients=public).pipe_file(str(tmp_path / "forged"), b"poison" * 1000)
-    naive = fs(identities=f"keyfile:{tmp_path / 'id'}")
+    idref = f"keyfile:{tmp_path / 'id'}"
+    return key, idref, tmp_path
+
+
+def test_public_key_holder_cannot_forge(signed_and_forged):
+    """The gap the issue names: anyone with the X25519 *public* key writes a file the identity
+    holder reads as authentic. With signers configured it is refused."""
+    key, idref, tmp_path = signed_and_forged
+    naive = fs(identities=idref)
     assert naive.cat_file(str(tmp_path / "forged")) == b"poison" * 1000
-    strict = fs(identities=f"keyfile:{tmp_path / 'id'}", signers=key.public)
+    strict = fs(identities=idref, signers=key.public)
     assert strict.cat_file(str(tmp_path / "real")) == DATA
     with pytest.raises(SignatureError):
         strict.cat_file(str(tmp_path / "forged"))
