@@ -141,15 +141,15 @@ class PythonBackend:
 
 
 NATIVE_MIN_CHUNKS = 2
-BACKEND_NAMES = ("auto", "native", "python")
-AES_ENV = "ENCFS_AES"
-AES_NAMES = ("auto", "openssl", "ipsec-mb")
-"""``ENCFS_AES`` picks the native backend's AES-256-GCM implementation (encfs._native_backend)."""
 """Spans this long (32 KiB) or longer go to the native backend under ``auto``, on any number of
 threads: measured with native over IPsec-MB and over OpenSSL 3.0, one native thread beats the
 python backend from 2 chunks on (a single chunk is a tie, left to python), and Python threads
 over pyca/cryptography's GIL-releasing ``decrypt_into`` never win (benchmarks/RESULTS.md, "AES-256-GCM
 implementations", backend routing; benchmarks/bench_aes.py)."""
+BACKEND_NAMES = ("auto", "native", "python")
+AES_ENV = env.AES
+AES_NAMES = ("auto", "openssl", "ipsec-mb")
+"""``ENCFS_AES`` picks the native backend's AES-256-GCM implementation (encfs._native_backend)."""
 
 
 class _HybridCipher:

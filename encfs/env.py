@@ -16,6 +16,7 @@ SECUREMEM = "ENCFS_SECUREMEM"
 ARGON2_MAX_MEMORY_KIB = "ENCFS_ARGON2_MAX_MEMORY_KIB"
 IO_THREADS = "ENCFS_IO_THREADS"
 PART_SIZE = "ENCFS_PART_SIZE"
+AES = "ENCFS_AES"
 
 
 def env_int(name: str, default: int, minimum: int) -> int:
